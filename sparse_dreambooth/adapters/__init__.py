@@ -1,0 +1,33 @@
+"""Sparse and low-rank adapters for any torch model's linear layers.
+
+    from sparse_dreambooth.adapters import AdapterConfig, attach, merge, save_adapter, load_adapter
+"""
+
+from sparse_dreambooth.adapters.config import DEFAULT_BUDGET, METHODS, SDXL_ATTENTION_TARGETS, AdapterConfig
+from sparse_dreambooth.adapters.io import load_adapter, read_adapter, save_adapter
+from sparse_dreambooth.adapters.layer import (
+    AdaptedLinear,
+    adapted_layers,
+    attach,
+    merge,
+    trainable_parameter_count,
+    unmerge,
+)
+from sparse_dreambooth.adapters.wavelets import idwt2
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "METHODS",
+    "SDXL_ATTENTION_TARGETS",
+    "AdaptedLinear",
+    "AdapterConfig",
+    "adapted_layers",
+    "attach",
+    "idwt2",
+    "load_adapter",
+    "merge",
+    "read_adapter",
+    "save_adapter",
+    "trainable_parameter_count",
+    "unmerge",
+]

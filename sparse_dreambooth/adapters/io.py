@@ -1,0 +1,149 @@
+"""Adapter files: safetensors with the config in the metadata.
+
+Tensors are named "<module name>.<tensor>" (coefficients and int32 positions for sparse methods,
+lora_A and lora_B for LoRA). The positions are stored, not re-drawn from the seed, so a file loads
+the same under any torch version. Metadata (all strings, as safetensors requires):
+    format, format_version, adapter_config (JSON), layers (JSON name -> [out, in]),
+    base_model, sparse_dreambooth_version, plus whatever the caller adds.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparse_dreambooth import __version__
+from sparse_dreambooth.adapters.config import AdapterConfig
+from sparse_dreambooth.adapters.layer import adapted_layers, attach, target_linears
+from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.files import atomic_path
+
+FORMAT = "sparse-dreambooth-adapter"
+FORMAT_VERSION = "1"
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of the model under its file name (positions as int32)."""
+    tensors = {}
+    for name, layer in adapted_layers(model).items():
+        for key, value in layer.adapter.state_dict().items():
+            value = value.detach()
+            tensors[f"{name}.{key}"] = value.int() if key == "positions" else value.float()
+    return tensors
+
+
+def save_adapter(
+    model: nn.Module,
+    path,
+    config: AdapterConfig,
+    base_model: str = "unknown",
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the model's adapters to a safetensors file, atomically.
+
+    Args:
+        config: the config the adapters were attached with.
+        base_model: identity of the base model, checked on load.
+        metadata: extra string fields to store (run settings, say).
+    """
+    from safetensors.torch import save_file
+
+    layers = adapted_layers(model)
+    if not layers:
+        raise UserError("the model has no adapters to save; attach or load one first")
+    header = {
+        **(metadata or {}),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_config": json.dumps(config.to_dict(), sort_keys=True),
+        "layers": json.dumps({name: [layer.out_features, layer.in_features] for name, layer in layers.items()}),
+        "base_model": base_model,
+        "sparse_dreambooth_version": __version__,
+    }
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_tensors(model).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def read_adapter(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Read an adapter file: its config, tensors and metadata. Never unpickles anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not a sparse-dreambooth adapter file (no '{FORMAT}' metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has adapter format version {metadata.get('format_version')}; "
+            f"this sparse-dreambooth reads version {FORMAT_VERSION}"
+        )
+    config = AdapterConfig(**json.loads(metadata["adapter_config"]))
+    return config, tensors, metadata
+
+
+def load_adapter(model: nn.Module, path, base_model: str | None = None) -> AdapterConfig:
+    """Attach the adapters stored in `path` to `model` (in place) and return their config.
+
+    Args:
+        base_model: when given, the file must have been trained on this base model.
+
+    Raises:
+        UserError: on another base model, missing/extra/mis-shaped tensors or a damaged file,
+            naming the tensor.
+    """
+    config, tensors, metadata = read_adapter(path)
+    if base_model is not None and metadata.get("base_model") != base_model:
+        raise UserError(
+            f"{path} was trained on base model {metadata.get('base_model')!r}, not {base_model!r}; "
+            "load it onto the model it was trained on"
+        )
+    stored_layers = json.loads(metadata["layers"])
+    linears = target_linears(model, config.targets)
+    for name, shape in stored_layers.items():
+        if name not in linears:
+            raise UserError(f"{path}: layer {name!r} is not in this model; the adapter is for another model")
+        if [linears[name].out_features, linears[name].in_features] != shape:
+            raise UserError(
+                f"{path}: layer {name!r} is {shape[0]}x{shape[1]} in the file but "
+                f"{linears[name].out_features}x{linears[name].in_features} in this model"
+            )
+    missing_layers = sorted(set(linears) - set(stored_layers))
+    if missing_layers:
+        raise UserError(f"{path}: no tensors for layer {missing_layers[0]!r} of this model; the file is incomplete")
+    positions = None
+    if config.method != "lora":
+        positions = {name: _tensor(tensors, path, f"{name}.positions").long() for name in stored_layers}
+    layers = attach(model, config, positions=positions)
+    expected = set()
+    for name, layer in layers.items():
+        state = layer.adapter.state_dict()
+        for key, current in state.items():
+            tensor_name = f"{name}.{key}"
+            expected.add(tensor_name)
+            stored = _tensor(tensors, path, tensor_name)
+            if stored.shape != current.shape:
+                raise UserError(
+                    f"{path}: tensor {tensor_name!r} has shape {tuple(stored.shape)}, expected {tuple(current.shape)}"
+                )
+            state[key] = stored.to(current.dtype)
+        layer.adapter.load_state_dict(state)
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise UserError(f"{path}: unexpected tensor {extra[0]!r}; the file does not match its own config")
+    return config
+
+
+def _tensor(tensors: dict[str, torch.Tensor], path, name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise UserError(f"{path}: tensor {name!r} is missing")
+    return tensors[name]

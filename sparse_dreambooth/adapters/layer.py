@@ -1,0 +1,177 @@
+"""Attaching adapters to a model's linear layers, and merging them into the base weights.
+
+Every method is an `nn.Module` with the same small protocol:
+    delta_weight() -> (out, in) tensor            the scaled weight update
+    forward(x) -> x @ delta_weight()^T            its share of the layer output
+    touched_indices() -> flat indices or None     entries of W the delta can change (None: all)
+"""
+
+import fnmatch
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from sparse_dreambooth.adapters.budget import lora_ranks, sparse_budgets
+from sparse_dreambooth.adapters.config import AdapterConfig
+from sparse_dreambooth.adapters.lora import LoraAdapter
+from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
+from sparse_dreambooth.errors import UserError
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus an adapter; looks like the linear it wraps to the code around it."""
+
+    def __init__(self, base: nn.Linear, adapter: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.merged = False
+        self._unmerge_values: torch.Tensor | None = None
+
+    # diffusers reads these off attention projections (dtype checks, fused projections).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + self.adapter(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight; forward then costs what the base layer costs."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        touched = self.adapter.touched_indices()
+        if touched is not None:
+            # Keep the touched originals so unmerge restores the exact bits, not W + d - d.
+            self._unmerge_values = weight.view(-1)[touched].clone()
+        weight += self.adapter.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`: bit-exact for sparse adapters, to rounding for LoRA."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        touched = self.adapter.touched_indices()
+        if touched is None:
+            weight -= self.adapter.delta_weight().to(weight.dtype)
+        else:
+            weight.view(-1)[touched] = self._unmerge_values
+            self._unmerge_values = None
+        self.merged = False
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """The model's nn.Linear modules whose names match any target pattern, in module order."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(_matches(name, pattern) for pattern in targets)
+    }
+    if not found:
+        raise UserError(f"no linear layer matches targets {targets}; check the module names of your model")
+    return found
+
+
+def build_adapters(
+    config: AdapterConfig,
+    linears: Mapping[str, nn.Linear],
+    positions: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, nn.Module]:
+    """One adapter per layer, sized by the config's budget.
+
+    Args:
+        positions: stored sparse positions per layer (from an adapter file); when None they are
+            drawn from `config.seed` as PEFT does.
+    """
+    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+    if config.method == "lora":
+        generator = torch.Generator().manual_seed(config.seed)
+        return {
+            name: LoraAdapter(
+                shapes[name], rank, config.alpha or rank, generator, device=linears[name].weight.device
+            )
+            for name, rank in lora_ranks(config, shapes).items()
+        }
+    wavelet = config.wavelet if config.method == "waveft" else None
+    drawn: dict[tuple, torch.Tensor] = {}  # same seed for every layer: same-shaped layers share a draw
+    adapters = {}
+    for name, count in sparse_budgets(config, shapes).items():
+        if positions is not None:
+            layer_positions = positions[name]
+        else:
+            key = (shapes[name], count)
+            if key not in drawn:
+                drawn[key] = random_positions(shapes[name], count, config.seed)
+            layer_positions = drawn[key].clone()
+        adapters[name] = SparseAdapter(
+            shapes[name], layer_positions.to(linears[name].weight.device), config.scaling, wavelet
+        )
+    return adapters
+
+
+def attach(
+    model: nn.Module, config: AdapterConfig, positions: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, AdaptedLinear]:
+    """Wrap every target linear of `model` (in place) with a fresh adapter; freeze everything else.
+
+    Returns:
+        The adapted layers by module name. Only adapter parameters require grad afterwards,
+        and they are float32 whatever the base dtype (train them in fp32 under mixed precision).
+    """
+    if adapted_layers(model):
+        raise UserError("the model already carries adapters; load it fresh before attaching new ones")
+    linears = target_linears(model, config.targets)
+    adapters = build_adapters(config, linears, positions)
+    model.requires_grad_(False)
+    layers = {}
+    for name, linear in linears.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layers[name] = AdaptedLinear(linear, adapters[name])
+        setattr(parent, child_name, layers[name])
+    return layers
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """The model's adapted layers by the name of the linear they wrap."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLinear)}
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (for fast sampling)."""
+    for layer in adapted_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo `merge` on every adapted layer."""
+    for layer in adapted_layers(model).values():
+        layer.unmerge()
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of adapter parameters in the model."""
+    return sum(p.numel() for layer in adapted_layers(model).values() for p in layer.adapter.parameters())
