@@ -1,0 +1,262 @@
+"""The tiny SDXL, model loading, and SDXL conditioning, checked against diffusers' own code paths."""
+
+import os
+
+# Read when huggingface_hub is first imported; the fixture below covers the case where another
+# test module imported it earlier.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from safetensors.torch import save_file
+
+from sparse_dreambooth import model
+from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.model import (
+    DEFAULT_MODEL,
+    TINY_MODEL,
+    add_time_ids,
+    build_tiny_pipeline,
+    cache_dir,
+    encode_prompts,
+    load_pipeline,
+    model_identity,
+    tiny_pipeline_path,
+)
+from sparse_dreambooth.tiny_model import TINY_MODEL_VERSION, VOCABULARY_WORDS
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PROMPTS = [
+    "a zjw dog on top of a purple rug in a forest",
+    "a cube shaped zjw dog with the Eiffel Tower in the background",
+    "a " * 100 + "dog",  # longer than 77 tokens, so truncation is exercised too
+]
+
+
+@pytest.fixture(autouse=True)
+def offline_with_private_caches(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # An empty Hub cache, so "not cached" holds on machines that do have SDXL downloaded.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("SPARSE_DB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    # The tiny model's tensors gain nothing from a second thread, and when other processes keep
+    # the cores busy, OpenMP's waiting threads make each op many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """The tiny pipeline as the training loop gets it: built, saved, then loaded from the cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARSE_DB_CACHE", str(tmp_path_factory.mktemp("module-cache")))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        pipe = load_pipeline(TINY_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_same_weights(pipe_a, pipe_b):
+    for component in COMPONENTS:
+        state_a, state_b = getattr(pipe_a, component).state_dict(), getattr(pipe_b, component).state_dict()
+        assert state_a.keys() == state_b.keys(), component
+        for name in state_a:
+            assert torch.equal(state_a[name], state_b[name]), f"{component}.{name}"
+
+
+def test_tiny_pipeline_build_depends_only_on_the_seed():
+    rng_state_before = torch.get_rng_state()
+    first, second = build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_state_before), "building must not consume the global RNG"
+    assert_same_weights(first, second)
+
+    other_seed = build_tiny_pipeline(seed=1)
+    for component in COMPONENTS:
+        weights_seed0 = next(getattr(first, component).parameters())
+        weights_seed1 = next(getattr(other_seed, component).parameters())
+        assert not torch.equal(weights_seed0, weights_seed1), component
+
+
+def test_tiny_pipeline_is_saved_once_and_reused(monkeypatch):
+    path = tiny_pipeline_path()
+    assert path == cache_dir() / f"tiny-sdxl-{TINY_MODEL_VERSION}-seed0"
+    saved_files = sorted(p for p in path.rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in saved_files]
+    assert any(p.suffix == ".safetensors" for p in saved_files)
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in saved_files)
+
+    def fail_to_build(seed):
+        raise AssertionError("the cached tiny model was rebuilt")
+
+    monkeypatch.setattr(model, "build_tiny_pipeline", fail_to_build)
+    assert tiny_pipeline_path() == path
+    assert [p.stat().st_mtime_ns for p in saved_files] == mtimes
+
+
+def test_tiny_pipeline_build_that_loses_the_rename_race_leaves_the_winner(monkeypatch):
+    final = cache_dir() / f"tiny-sdxl-{TINY_MODEL_VERSION}-seed0"
+    build = model.build_tiny_pipeline
+
+    def build_while_another_rank_finishes_first(seed):
+        pipe = build(seed)
+        pipe.save_pretrained(final)
+        return pipe
+
+    monkeypatch.setattr(model, "build_tiny_pipeline", build_while_another_rank_finishes_first)
+    assert tiny_pipeline_path() == final
+    assert [p.name for p in cache_dir().iterdir()] == [final.name], "the losing copy must be discarded"
+    assert (final / "model_index.json").is_file()
+
+
+def test_loaded_tiny_pipeline_matches_the_build_and_keeps_its_tokenizers(tiny_pipe):
+    built = build_tiny_pipeline(seed=0)
+    assert_same_weights(tiny_pipe, built)
+    assert tiny_pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert tiny_pipe.tokenizer_2.pad_token == "!"
+    tokenizer_pairs = [(tiny_pipe.tokenizer, built.tokenizer), (tiny_pipe.tokenizer_2, built.tokenizer_2)]
+    for loaded_tokenizer, built_tokenizer in tokenizer_pairs:
+        assert loaded_tokenizer.model_max_length == 77
+        padded = dict(padding="max_length", max_length=77, truncation=True)
+        assert loaded_tokenizer(PROMPTS, **padded).input_ids == built_tokenizer(PROMPTS, **padded).input_ids
+
+
+def test_loaded_tiny_pipeline_generates_64px_images(tiny_pipe):
+    assert tiny_pipe.default_sample_size * tiny_pipe.vae_scale_factor == 64
+    images = tiny_pipe(prompt="a zjw dog", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+
+
+def test_vocabulary_words_are_single_tokens_and_other_text_still_encodes(tiny_pipe):
+    for tokenizer in (tiny_pipe.tokenizer, tiny_pipe.tokenizer_2):
+        for word in VOCABULARY_WORDS:
+            assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+        # Words outside the vocabulary fall back to byte-level pieces instead of an unknown token.
+        text = "xylophone quokka, 42!"
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.decode(ids) == "xylophone quokka , 4 2 !"
+
+
+def test_tiny_unet_has_sdxl_attention_projections(tiny_pipe):
+    blocks = [module for module in tiny_pipe.unet.modules() if isinstance(module, BasicTransformerBlock)]
+    assert blocks
+    for block in blocks:
+        for attention in (block.attn1, block.attn2):
+            for projection in (attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]):
+                assert isinstance(projection, torch.nn.Linear)
+    names = {name for name, _ in tiny_pipe.unet.named_modules()}
+    for attention in ("attn1", "attn2"):
+        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+            assert "down_blocks.1.attentions.0.transformer_blocks.0." + f"{attention}.{projection}" in names
+
+
+def test_tiny_model_has_sdxl_conditioning_layout(tiny_pipe):
+    unet_config = tiny_pipe.unet.config
+    assert list(unet_config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert unet_config.addition_embed_type == "text_time"
+    text_dims = tiny_pipe.text_encoder.config.hidden_size, tiny_pipe.text_encoder_2.config.hidden_size
+    assert unet_config.cross_attention_dim == sum(text_dims)
+    assert tiny_pipe.vae_scale_factor == 8
+    assert tiny_pipe.vae.config.scaling_factor == 0.13025
+
+
+def test_encode_prompts_matches_the_pipeline(tiny_pipe):
+    prompt_embeds, pooled = encode_prompts(
+        [tiny_pipe.tokenizer, tiny_pipe.tokenizer_2], [tiny_pipe.text_encoder, tiny_pipe.text_encoder_2], PROMPTS
+    )
+    expected_embeds, _, expected_pooled, _ = tiny_pipe.encode_prompt(
+        PROMPTS, device=torch.device("cpu"), do_classifier_free_guidance=False
+    )
+    assert prompt_embeds.shape == (len(PROMPTS), 77, tiny_pipe.unet.config.cross_attention_dim)
+    assert torch.equal(prompt_embeds, expected_embeds)
+    assert torch.equal(pooled, expected_pooled)
+
+
+def test_add_time_ids_matches_the_pipeline(tiny_pipe):
+    original_size, crop_top_left, target_size = (768, 1024), (16, 40), (64, 48)
+    expected = tiny_pipe._get_add_time_ids(
+        original_size,
+        crop_top_left,
+        target_size,
+        dtype=torch.float32,
+        text_encoder_projection_dim=tiny_pipe.text_encoder_2.config.projection_dim,
+    )
+    time_ids = add_time_ids(original_size, crop_top_left, target_size)
+    assert time_ids.shape == (6,)
+    assert torch.equal(time_ids, expected[0])
+
+
+def test_uncached_hub_model_offline_is_a_one_line_user_error():
+    with pytest.raises(UserError) as error:
+        load_pipeline("some-org/not-cached-model")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "some-org/not-cached-model" in message
+    assert "--model tiny" in message
+
+
+@pytest.mark.parametrize("make_model", ["missing folder", "missing.safetensors", "pickle", "folder without pipeline"])
+def test_unusable_local_model_is_a_one_line_user_error(tmp_path, make_model):
+    path = tmp_path / make_model
+    if make_model == "pickle":
+        path = tmp_path / "model.ckpt"
+        torch.save({"weight": torch.zeros(1)}, path)
+    elif make_model == "folder without pipeline":
+        path.mkdir()
+    with pytest.raises(UserError) as error:
+        load_pipeline(str(path))
+    assert "\n" not in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_single_file_without_cached_base_model_configs_is_a_one_line_user_error(tmp_path):
+    # Just enough of an SDXL checkpoint for diffusers to recognise it as SDXL base.
+    checkpoint = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1)}, checkpoint)
+    with pytest.raises(UserError) as error:
+        load_pipeline(str(checkpoint))
+    assert "\n" not in str(error.value)
+    assert str(checkpoint) in str(error.value)
+    assert DEFAULT_MODEL in str(error.value)
+
+
+def test_vae_option_replaces_the_pipeline_vae(tiny_pipe):
+    pipe = load_pipeline(TINY_MODEL, vae=str(tiny_pipeline_path(seed=1) / "vae"))
+    seed1_vae = build_tiny_pipeline(seed=1).vae.state_dict()
+    for name, tensor in pipe.vae.state_dict().items():
+        assert torch.equal(tensor, seed1_vae[name]), name
+    seed0_unet = tiny_pipe.unet.state_dict()
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(tensor, seed0_unet[name]), name
+
+
+def test_missing_vae_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="VAE"):
+        load_pipeline(TINY_MODEL, vae=str(tmp_path / "no-vae"))
+
+
+def test_model_identity(tmp_path, monkeypatch):
+    assert model_identity(TINY_MODEL) == f"tiny-sdxl-{TINY_MODEL_VERSION}-seed0"
+    assert model_identity(DEFAULT_MODEL) == f"{DEFAULT_MODEL}@main"
+    assert model_identity("some-org/model", revision="abc123") == "some-org/model@abc123"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-sdxl").mkdir()
+    assert model_identity("local-sdxl") == str(tmp_path.resolve() / "local-sdxl")
+    checkpoint = "./checkpoints/sdxl.safetensors"
+    assert model_identity(checkpoint) == str(tmp_path.resolve() / "checkpoints" / "sdxl.safetensors")
+
+
+def test_cache_dir_defaults_to_home_cache(tmp_path, monkeypatch):
+    assert cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("SPARSE_DB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "sparse-dreambooth"
