@@ -4,12 +4,18 @@ Kept thin and import-light: `sparse-db --help` must not import torch, so every c
 the heavy modules inside its body.
 """
 
+import inspect
+import os
 import sys
+import typing
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.cli_data import data_app
+from sparse_dreambooth.config import leaf_fields, merge_settings, read_yaml
 from sparse_dreambooth.errors import UserError
 
 app = typer.Typer(
@@ -39,8 +45,115 @@ def _root(
 
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2, with no traceback."""
+    # transformers warns at import about optional image backends we never use.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except UserError as error:
         print(f"sparse-db: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _flag_options() -> list[inspect.Parameter]:
+    """One --flag per config key, typed and documented from the schema (config.py)."""
+    parameters = []
+    for key, (section, setting) in leaf_fields().items():
+        value_type = str if setting.type is list else _unwrap_optional(setting.type)
+        declaration = f"--{key.replace('_', '-')}"
+        if value_type is bool:
+            declaration = f"{declaration}/--no-{key.replace('_', '-')}"
+        help_text = setting.metadata["help"] + (" (comma-separated)" if setting.type is list else "")
+        parameters.append(
+            inspect.Parameter(
+                key,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, declaration, help=help_text, rich_help_panel=f"{section} settings", show_default=False),
+                annotation=Optional[value_type],
+            )
+        )
+    return parameters
+
+
+def _unwrap_optional(annotation):
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+    return arguments[0] if arguments else annotation
+
+
+def _config_from(config_file: Optional[Path], flags: dict):
+    if flags.get("targets") is not None:
+        flags["targets"] = [target.strip() for target in flags["targets"].split(",") if target.strip()]
+    return merge_settings(read_yaml(config_file) if config_file else None, flags)
+
+
+def _train(config: Optional[Path], resume: Optional[str], overwrite: bool, **flags) -> None:
+    settings = _config_from(config, flags)
+    from sparse_dreambooth.train import train
+
+    train(settings, resume=resume, overwrite=overwrite)
+
+
+_train.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="YAML recipe (see configs/); flags override it"),
+            annotation=Optional[Path],
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--resume", help="continue from 'latest' or a checkpoints/step-N folder"),
+            annotation=Optional[str],
+        ),
+        inspect.Parameter(
+            "overwrite",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--overwrite", help="replace a finished or unfinished run in the output folder"),
+            annotation=bool,
+        ),
+        *_flag_options(),
+    ]
+)
+_train.__annotations__ = {parameter.name: parameter.annotation for parameter in _train.__signature__.parameters.values()}
+app.command(
+    "train",
+    help="Train an adapter on a subject. Settings: defaults < --config FILE < flags; every config key is a flag.",
+    no_args_is_help=True,
+)(_train)
+
+
+@app.command("sample")
+def _sample(
+    run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train`"),
+    method: str = typer.Option("adapter", "--method", help="'adapter' (the run's) or 'base' (no adapter, for reference)"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="render this prompt instead of the 25 evaluation prompts (repeatable)"),
+    seeds: str = typer.Option("42,43,44,45", "--seeds", help="comma-separated seeds: one image per seed per prompt"),
+    num_steps: int = typer.Option(30, "--num-steps", help="DPM-Solver++ steps"),
+    guidance: float = typer.Option(7.5, "--guidance", help="classifier-free guidance scale"),
+    batch_size: int = typer.Option(1, "--batch-size", help="images per pipeline call"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="negative prompt for every image"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="image side in pixels (default: the run's)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder for the PNGs (default: RUN/samples or RUN/samples-base)"),
+) -> None:
+    """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in."""
+    if method not in ("adapter", "base"):
+        raise UserError(f"--method must be 'adapter' or 'base', got {method!r}")
+    try:
+        seed_list = [int(seed) for seed in seeds.split(",") if seed.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    from sparse_dreambooth.sample import sample
+
+    sample(
+        run,
+        base=method == "base",
+        prompts=prompt,
+        seeds=seed_list,
+        num_steps=num_steps,
+        guidance=guidance,
+        batch_size=batch_size,
+        negative_prompt=negative_prompt,
+        resolution=resolution,
+        output=output,
+    )

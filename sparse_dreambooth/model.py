@@ -117,7 +117,7 @@ def load_pipeline(
     components = {"vae": _load_vae(vae, torch_dtype)} if vae is not None else {}
     if model == TINY_MODEL:
         return StableDiffusionXLPipeline.from_pretrained(
-            tiny_pipeline_path(), torch_dtype=torch_dtype, use_safetensors=True, **components
+            tiny_pipeline_path(), dtype=torch_dtype, use_safetensors=True, **components
         )
     if local_path is None:
         return _load_from_hub(model, revision, variant, torch_dtype, components)
@@ -159,7 +159,7 @@ def _load_from_hub(
 ) -> StableDiffusionXLPipeline:
     try:
         return StableDiffusionXLPipeline.from_pretrained(
-            model, revision=revision, variant=variant, torch_dtype=torch_dtype, use_safetensors=True, **components
+            model, revision=revision, variant=variant, dtype=torch_dtype, use_safetensors=True, **components
         )
     except OSError as error:
         # diffusers reports "not cached", "offline", "no such repo" and "no safetensors" all as OSError.
@@ -174,7 +174,7 @@ def _load_local_folder(
 ) -> StableDiffusionXLPipeline:
     try:
         return StableDiffusionXLPipeline.from_pretrained(
-            path, variant=variant, torch_dtype=torch_dtype, use_safetensors=True, **components
+            path, variant=variant, dtype=torch_dtype, use_safetensors=True, **components
         )
     except OSError as error:
         reason = str(error).splitlines()[0]
@@ -183,7 +183,7 @@ def _load_local_folder(
 
 def _load_single_file(path: Path, torch_dtype: torch.dtype, components: dict) -> StableDiffusionXLPipeline:
     try:
-        return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, **components)
+        return StableDiffusionXLPipeline.from_single_file(path, dtype=torch_dtype, **components)
     except OSError as error:
         # The file holds weights only: diffusers takes the configs and tokenizers of the base model
         # it recognises in the checkpoint from the Hugging Face cache, or downloads them.
@@ -198,7 +198,7 @@ def _load_vae(vae: str, torch_dtype: torch.dtype) -> AutoencoderKL:
     local_path = _local_path(vae)
     if local_path is None:
         try:
-            return AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype, use_safetensors=True)
+            return AutoencoderKL.from_pretrained(vae, dtype=torch_dtype, use_safetensors=True)
         except OSError as error:
             raise UserError(
                 f"cannot load VAE '{vae}': it is not a local folder, not in the Hugging Face cache, and could "
@@ -207,7 +207,7 @@ def _load_vae(vae: str, torch_dtype: torch.dtype) -> AutoencoderKL:
     if not local_path.is_dir():
         raise UserError(f"VAE folder {local_path} does not exist (expected a diffusers AutoencoderKL folder)")
     try:
-        return AutoencoderKL.from_pretrained(local_path, torch_dtype=torch_dtype, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(local_path, dtype=torch_dtype, use_safetensors=True)
     except OSError as error:
         reason = str(error).splitlines()[0]
         raise UserError(f"cannot load the VAE folder {local_path}: {reason}") from error

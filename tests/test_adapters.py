@@ -129,7 +129,7 @@ def test_delta_equals_peft_waveft_for_the_same_coefficients(method, wavelet, sha
     for budget, scaling, seed in [(1, 25.0, 777), (37, 3.5, 5), (out_features * in_features, 25.0, 777)]:
         ours = fresh_model(out_features=out_features, in_features=in_features)
         config = sd.AdapterConfig(
-            method=method, budget=budget, scaling=scaling, wavelet=wavelet, seed=seed, targets=["to_q", "to_k"]
+            method=method, budget=budget, scaling=scaling, wavelet=wavelet, adapter_seed=seed, targets=["to_q", "to_k"]
         )
         layers = sd.attach(ours, config)
         randomise_adapters(ours, seed=budget)
@@ -221,7 +221,7 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(method, tmp_p
 
 def test_positions_follow_peft_seeded_permutation():
     model = fresh_model()
-    layers = sd.attach(model, sd.AdapterConfig(method="waveft", budget=30, seed=123, targets=["to_q"]))
+    layers = sd.attach(model, sd.AdapterConfig(method="waveft", budget=30, adapter_seed=123, targets=["to_q"]))
     flat = torch.randperm(40 * 24, generator=torch.Generator().manual_seed(123))[:30]
     assert torch.equal(layers["to_q"].adapter.positions, torch.stack([flat // 24, flat % 24]))
 

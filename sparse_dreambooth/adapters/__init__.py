@@ -3,7 +3,7 @@
     from sparse_dreambooth.adapters import AdapterConfig, attach, merge, save_adapter, load_adapter
 """
 
-from sparse_dreambooth.adapters.config import DEFAULT_BUDGET, METHODS, SDXL_ATTENTION_TARGETS, AdapterConfig
+from sparse_dreambooth.config import DEFAULT_BUDGET, METHODS, SDXL_ATTENTION_TARGETS, AdapterConfig
 from sparse_dreambooth.adapters.io import load_adapter, read_adapter, save_adapter
 from sparse_dreambooth.adapters.layer import (
     AdaptedLinear,

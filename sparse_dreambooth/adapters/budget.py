@@ -8,7 +8,7 @@ to out*in; LoRA takes the single rank whose total is nearest.
 import math
 import warnings
 
-from sparse_dreambooth.adapters.config import DEFAULT_BUDGET, AdapterConfig
+from sparse_dreambooth.config import DEFAULT_BUDGET, AdapterConfig
 from sparse_dreambooth.errors import UserError
 
 Shapes = dict[str, tuple[int, int]]

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from sparse_dreambooth import __version__
-from sparse_dreambooth.adapters.config import AdapterConfig
+from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.adapters.layer import adapted_layers, attach, target_linears
 from sparse_dreambooth.errors import UserError
-from sparse_dreambooth.files import atomic_path
+from sparse_dreambooth.files import write_safetensors
 
 FORMAT = "sparse-dreambooth-adapter"
 FORMAT_VERSION = "1"
@@ -47,8 +47,6 @@ def save_adapter(
         base_model: identity of the base model, checked on load.
         metadata: extra string fields to store (run settings, say).
     """
-    from safetensors.torch import save_file
-
     layers = adapted_layers(model)
     if not layers:
         raise UserError("the model has no adapters to save; attach or load one first")
@@ -62,8 +60,7 @@ def save_adapter(
         "sparse_dreambooth_version": __version__,
     }
     tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_tensors(model).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    write_safetensors(path, tensors, header)
 
 
 def read_adapter(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict[str, str]]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparse_dreambooth.adapters.budget import lora_ranks, sparse_budgets
-from sparse_dreambooth.adapters.config import AdapterConfig
+from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
 from sparse_dreambooth.errors import UserError
@@ -104,11 +104,11 @@ def build_adapters(
 
     Args:
         positions: stored sparse positions per layer (from an adapter file); when None they are
-            drawn from `config.seed` as PEFT does.
+            drawn from `config.adapter_seed` as PEFT does.
     """
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     if config.method == "lora":
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.adapter_seed)
         return {
             name: LoraAdapter(
                 shapes[name], rank, config.alpha or rank, generator, device=linears[name].weight.device
@@ -124,7 +124,7 @@ def build_adapters(
         else:
             key = (shapes[name], count)
             if key not in drawn:
-                drawn[key] = random_positions(shapes[name], count, config.seed)
+                drawn[key] = random_positions(shapes[name], count, config.adapter_seed)
             layer_positions = drawn[key].clone()
         adapters[name] = SparseAdapter(
             shapes[name], layer_positions.to(linears[name].weight.device), config.scaling, wavelet

@@ -1,0 +1,5 @@
+"""`python -m sparse_dreambooth` (and `accelerate launch -m sparse_dreambooth`) runs the CLI."""
+
+from sparse_dreambooth.cli import main
+
+main()

@@ -1,0 +1,258 @@
+"""The run configuration: one schema for YAML recipes, CLI flags and the saved run.
+
+A config is a tree of dataclasses (model, data, adapter, train). YAML mirrors the tree; every leaf
+is also a CLI flag named after its key (`--budget-scale` sets adapter.budget_scale), so keys are
+unique across sections. Precedence: defaults < `--config FILE` < flags. Unknown keys and
+wrongly typed values are errors that name the fix. This module imports no torch.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from sparse_dreambooth.errors import UserError, did_you_mean
+
+METHODS = ("waveft", "random-sparse", "lora")
+ALLOCATIONS = ("uniform", "proportional")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+SDXL_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+# LoRA r=1 over SDXL's 560 UNet attention projections has 1,451,520 parameters: 2592 per layer.
+DEFAULT_BUDGET = 2592
+
+
+def setting(default, help: str):
+    """A config field with its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def discrete_wavelets() -> list[str]:
+    """Every discrete wavelet pywt knows (haar, db1-38, sym2-20, coif1-17, bior*, rbio*, dmey)."""
+    import pywt
+
+    return pywt.wavelist(kind="discrete")
+
+
+def _choose(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}{did_you_mean(str(value), choices)}; choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value, what: str = "positive") -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be {what}, got {value}")
+
+
+@dataclass
+class AdapterConfig:
+    """The adapter: method, parameter budget and the method's hyperparameters."""
+
+    method: str = setting("waveft", "waveft | random-sparse (SHiRA) | lora")
+    budget: Optional[int] = setting(
+        None, f"trainable parameters per adapted layer (default {DEFAULT_BUDGET} = LoRA r=1 on SDXL)"
+    )
+    budget_scale: Optional[float] = setting(
+        None, "total budget as a multiple of LoRA r=1 on the same layers (paper: 0.8 0.9 1 1.5 2 3)"
+    )
+    allocation: str = setting("uniform", "sparse budget per layer: uniform | proportional (to out*in)")
+    cap_budget: bool = setting(False, "cap a budget larger than a layer (with a warning) instead of failing")
+    scaling: float = setting(25.0, "multiplier of the sparse delta (PEFT's WaveFT default 25)")
+    wavelet: str = setting("db1", "WaveFT wavelet: any discrete pywt wavelet (db1-38, sym, coif, bior, rbio)")
+    rank: Optional[int] = setting(None, "LoRA rank (default: the rank nearest the budget)")
+    alpha: Optional[float] = setting(None, "LoRA alpha (default: equal to the rank)")
+    adapter_seed: int = setting(777, "seed of the adapter's random choices: sparse positions, LoRA init")
+    targets: list = setting(list(SDXL_ATTENTION_TARGETS), "module-name patterns of the linears to adapt")
+
+    def __post_init__(self) -> None:
+        self.targets = list(self.targets)
+        _choose("adapter method", self.method, METHODS)
+        if self.method == "waveft" and self.wavelet not in discrete_wavelets():
+            raise UserError(
+                f"unknown wavelet {self.wavelet!r}{did_you_mean(self.wavelet, discrete_wavelets())}; "
+                "use a discrete pywt wavelet such as db1, db4, sym8, coif3 or bior2.2"
+            )
+        if self.budget is not None and self.budget_scale is not None:
+            raise UserError("give either budget (per layer) or budget_scale (x LoRA r=1), not both")
+        _positive("budget", self.budget, "a positive number of parameters per layer")
+        _positive("budget_scale", self.budget_scale)
+        _choose("allocation", self.allocation, ALLOCATIONS)
+        if self.method == "lora" and self.allocation != "uniform":
+            raise UserError("LoRA uses one rank for every layer: set allocation to uniform")
+        if self.rank is not None and self.method != "lora":
+            raise UserError(f"rank is a LoRA setting; {self.method} takes budget or budget_scale")
+        _positive("rank", self.rank, "a positive integer")
+        if not self.targets:
+            raise UserError("targets is empty: name at least one module pattern, e.g. to_q")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelSettings:
+    """The base model."""
+
+    model: str = setting(DEFAULT_MODEL, "Hub id, local diffusers folder, single .safetensors file, or 'tiny'")
+    vae: Optional[str] = setting(None, "replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    revision: Optional[str] = setting(None, "Hub revision of the model")
+    variant: Optional[str] = setting(None, "weight variant, e.g. fp16")
+
+
+@dataclass
+class DataSettings:
+    """The subject and how its images are prepared."""
+
+    subject: Optional[str] = setting(None, "DreamBooth subject name (e.g. dog6), or 'demo' for the synthetic one")
+    data_root: Optional[str] = setting(None, "DreamBooth dataset folder (default: $SPARSE_DB_DATA or user data dir)")
+    instance_dir: Optional[str] = setting(None, "folder of your own photos (instead of --subject)")
+    class_name: Optional[str] = setting(None, "class of your own subject, e.g. 'dog' (with --instance-dir)")
+    token: str = setting("zjw", "rare token of the instance prompt 'a {token} {class}'")
+    resolution: int = setting(1024, "training resolution in pixels (multiple of 8)")
+    random_flip: bool = setting(False, "also train on mirrored images")
+    center_crop: bool = setting(True, "centre crop (else a seeded random crop per image)")
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation."""
+
+    steps: int = setting(500, "optimizer steps")
+    batch_size: int = setting(1, "images per process per micro-step")
+    grad_accum: int = setting(4, "micro-steps per optimizer step")
+    lr: float = setting(1e-4, "AdamW learning rate")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon")
+    lr_scheduler: str = setting("constant", "constant | constant_with_warmup | linear | cosine")
+    warmup_steps: int = setting(0, "learning-rate warmup steps")
+    max_grad_norm: float = setting(1.0, "gradient-norm clip")
+    mixed_precision: str = setting("bf16", "no | fp16 | bf16 (adapter weights and VAE stay fp32)")
+    gradient_checkpointing: bool = setting(True, "trade compute for memory in the UNet")
+    seed: int = setting(42, "seed of the run: data order, noise, timesteps")
+    checkpoint_every: int = setting(100, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_kept: int = setting(2, "how many recent checkpoints to keep")
+    validate_every: int = setting(0, "render validation images every N steps (0: never)")
+    validation_prompt: Optional[str] = setting(None, "validation prompt (default: the first evaluation prompt)")
+    output: Optional[str] = setting(None, "run folder (default: runs/<subject>-<method>)")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as config.yaml in the run folder."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        data, train = self.data, self.train
+        if (data.subject is None) == (data.instance_dir is None):
+            raise UserError("name a subject: --subject NAME (or 'demo'), or --instance-dir DIR with --class-name")
+        if data.instance_dir is not None and not data.class_name:
+            raise UserError("--instance-dir needs --class-name, e.g. --class-name dog")
+        if data.resolution <= 0 or data.resolution % 8:
+            raise UserError(f"resolution must be a positive multiple of 8, got {data.resolution}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            _positive(name, getattr(train, name), "a positive integer")
+        _positive("lr", train.lr)
+        _choose("mixed_precision", train.mixed_precision, MIXED_PRECISIONS)
+        _choose("lr_scheduler", train.lr_scheduler, LR_SCHEDULERS)
+
+    @property
+    def output_dir(self) -> Path:
+        if self.train.output:
+            return Path(self.train.output)
+        subject = self.data.subject or Path(self.data.instance_dir).name
+        return Path("runs") / f"{subject}-{self.adapter.method}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every leaf key -> (its section, its field). Keys are unique across sections."""
+    return {
+        leaf.name: (section, leaf) for section, section_type in SECTIONS.items() for leaf in dataclasses.fields(section_type)
+    }
+
+
+def _coerce(key: str, value: Any, annotation) -> Any:
+    """Check a YAML value against the field type; ints are accepted where floats are expected."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+    if value is None and optional:
+        return None
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def build_config(sections: dict[str, dict[str, Any]]) -> TrainConfig:
+    """A validated TrainConfig from {section: {key: value}}."""
+    return TrainConfig(**{section: SECTIONS[section](**values) for section, values in sections.items()})
+
+
+def merge_settings(yaml_tree: dict | None, flags: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the YAML tree, then flat flag values (None = flag not given)."""
+    leaves = leaf_fields()
+    sections: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for section, values in (yaml_tree or {}).items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r}{did_you_mean(section, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must be a mapping of keys to values")
+        for key, value in values.items():
+            if key not in leaves or leaves[key][0] != section:
+                known = [k for k, (s, _) in leaves.items() if s == section]
+                hint = did_you_mean(key, known) or (f" (it belongs in section {leaves[key][0]!r})" if key in leaves else "")
+                raise UserError(f"unknown config key {section}.{key}{hint}")
+            sections[section][key] = _coerce(f"{section}.{key}", value, leaves[key][1].type)
+    for key, value in flags.items():
+        if value is not None:
+            section, leaf = leaves[key]
+            sections[section][key] = _coerce(key, value, leaf.type)
+    return build_config(sections)
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist; see the recipes in configs/")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise UserError(f"{path} must hold a mapping of sections (model, data, adapter, train)")
+    return tree or {}
+
+
+def load_config(path) -> TrainConfig:
+    """A TrainConfig from a YAML file (a recipe or a run's config.yaml)."""
+    return merge_settings(read_yaml(path), {})
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,137 @@
+"""Render a run's evaluation images: the subject's 25 DreamBooth prompts x 4 seeds, as the
+authors sampled (DPM-Solver++ order 2, 30 steps, guidance 7.5).
+
+Each image has its own generator seeded with its seed, so an image does not depend on which
+batch or process renders it. Under `accelerate launch` the prompt x seed jobs are dealt out
+across processes; each image is rendered once. Images already on disk are skipped, so an
+interrupted run picks up where it stopped.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sparse_dreambooth import data
+from sparse_dreambooth.adapters import load_adapter, merge
+from sparse_dreambooth.config import load_config
+from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.files import atomic_path, write_json
+from sparse_dreambooth.model import load_pipeline, model_identity
+from sparse_dreambooth.train import ADAPTER_FILE, CONFIG_FILE, resolve_subject
+
+EVALUATION_SEEDS = (42, 43, 44, 45)
+MANIFEST = "samples.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_index: int
+    sample_index: int
+    seed: int
+    prompt: str
+
+    @property
+    def file_name(self) -> str:
+        return f"prompt_{self.prompt_index:02d}_sample_{self.sample_index}_seed_{self.seed}.png"
+
+
+def plan_jobs(prompts: list[str], seeds: list[int]) -> list[Job]:
+    return [
+        Job(prompt_index, sample_index, seed, prompt)
+        for prompt_index, prompt in enumerate(prompts)
+        for sample_index, seed in enumerate(seeds)
+    ]
+
+
+def sample(
+    run: Path,
+    base: bool = False,
+    prompts: list[str] | None = None,
+    seeds: list[int] | None = None,
+    num_steps: int = 30,
+    guidance: float = 7.5,
+    batch_size: int = 1,
+    negative_prompt: str | None = None,
+    resolution: int | None = None,
+    output: Path | None = None,
+) -> Path:
+    """Render images for a run folder; return the folder they went to.
+
+    Args:
+        run: a training run folder (config.yaml + adapter.safetensors).
+        base: sample the base model without the adapter, for reference.
+        prompts: prompts to render instead of the subject's 25 evaluation prompts.
+        seeds: one image per seed per prompt. Default: 42, 43, 44, 45.
+        resolution: image side; default the run's training resolution.
+        output: where the PNGs and samples.json go; default run/samples (run/samples-base).
+    """
+    from accelerate import Accelerator
+    from diffusers import DPMSolverMultistepScheduler
+    from tqdm.auto import tqdm
+
+    run = Path(run)
+    if not (run / CONFIG_FILE).is_file():
+        raise UserError(f"{run} is not a run folder (no {CONFIG_FILE}); pass the --output of a `sparse-db train` run")
+    if not base and not (run / ADAPTER_FILE).is_file():
+        raise UserError(f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base")
+    if num_steps <= 0 or batch_size <= 0:
+        raise UserError("--num-steps and --batch-size must be positive")
+    config = load_config(run / CONFIG_FILE)
+    subject = resolve_subject(config)
+    prompts = prompts or data.evaluation_prompts(subject, config.data.token)
+    seeds = list(seeds or EVALUATION_SEEDS)
+    resolution = resolution or config.data.resolution
+    output = Path(output or run / ("samples-base" if base else "samples"))
+
+    state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) as training does
+    dtype = torch.float16 if state.device.type == "cuda" else torch.float32  # SDXL's VAE upcasts itself
+    model = config.model
+    pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=dtype)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    if not base:
+        load_adapter(pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision))
+        merge(pipe.unet)  # sampling then costs what the base model costs
+    pipe.to(state.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    jobs = plan_jobs(prompts, seeds)
+    mine = [job for job in jobs[state.process_index :: state.num_processes] if not (output / job.file_name).is_file()]
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    for batch in tqdm(batches, desc="sample", unit="batch", disable=not state.is_main_process):
+        images = pipe(
+            prompt=[job.prompt for job in batch],
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+            num_inference_steps=num_steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+        ).images
+        for job, image in zip(batch, images):
+            with atomic_path(output / job.file_name) as tmp:
+                image.save(tmp, format="PNG")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_json(
+            output / MANIFEST,
+            {
+                "run": str(run),
+                "adapter": None if base else ADAPTER_FILE,
+                "subject": subject.name,
+                "class": subject.class_name,
+                "kind": subject.kind,
+                "settings": {
+                    "scheduler": "DPMSolverMultistepScheduler(dpmsolver++, order 2)",
+                    "num_steps": num_steps,
+                    "guidance": guidance,
+                    "negative_prompt": negative_prompt,
+                    "resolution": resolution,
+                },
+                "images": [{"file": job.file_name, **asdict(job)} for job in jobs],
+            },
+        )
+    state.print(f"{len(jobs)} images in {output}")
+    return output
