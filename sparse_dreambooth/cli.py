@@ -157,3 +157,6 @@ def _sample(
         resolution=resolution,
         output=output,
     )
+
+
+# Commands defined in other modules register themselves here (each module stays torch-free at import).
