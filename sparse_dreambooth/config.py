@@ -178,6 +178,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Two ways to state the same setting: a flag for one replaces the other from the YAML.
+SPELLINGS_OF_ONE_SETTING = {"budget": "budget_scale", "budget_scale": "budget"}
+
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
@@ -229,6 +232,8 @@ def merge_settings(yaml_tree: dict | None, flags: dict[str, Any]) -> TrainConfig
         if value is not None:
             section, leaf = leaves[key]
             sections[section][key] = _coerce(key, value, leaf.type)
+            if key in SPELLINGS_OF_ONE_SETTING:  # --budget overrides a recipe's budget_scale, and back
+                sections[section].pop(SPELLINGS_OF_ONE_SETTING[key], None)
     return build_config(sections)
 
 

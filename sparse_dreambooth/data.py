@@ -49,7 +49,7 @@ DEMO_SUBJECT = "demo"
 DEMO_CLASS = "toy"
 SUBJECT_KINDS = ("object", "live")
 PROMPTS_FILE = "prompts_and_classes.txt"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 # The 25 evaluation prompts of each kind, as in the dataset's prompts_and_classes.txt (a test checks
 # they match), so demo and custom subjects are evaluated the same way without the dataset at hand.
@@ -296,7 +296,8 @@ def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str |
     """A subject made of the user's own photos.
 
     Args:
-        instance_dir: Folder with the photos (*.jpg, *.jpeg, *.png; hidden files are ignored).
+        instance_dir: Folder with the photos (jpg, png, webp, bmp, tif; hidden files are ignored,
+            other files are skipped with a warning).
         class_name: What the photos show, e.g. "dog" or "backpack".
         kind: "live" or "object". Default: "live" for the classes in `LIVE_CLASSES`, else "object".
 
@@ -316,6 +317,11 @@ def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str |
     images = _image_files(folder)
     if not images:
         raise UserError(f"no images ({', '.join('*' + suffix for suffix in IMAGE_SUFFIXES)}) in {folder}")
+    skipped = sorted(
+        path.name for path in folder.iterdir() if path.is_file() and not path.name.startswith(".") and path not in images
+    )
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(skipped[:5])}", stacklevel=2)
     return Subject(folder.resolve().name, class_name, kind, images)
 
 

@@ -126,6 +126,36 @@ def load_pipeline(
     return _load_single_file(local_path, torch_dtype, components)
 
 
+def unet_skeleton(model: str, revision: str | None = None) -> torch.nn.Module | None:
+    """The model's UNet built from its config on the meta device: its layer names and shapes,
+    no weights, in about a second. Lets a run check its adapter budget before loading anything.
+
+    Returns:
+        None for a single-file checkpoint, whose config is only known once it is loaded.
+
+    Raises:
+        UserError: The model is not available (as `load_pipeline`).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    if model == TINY_MODEL:
+        source = tiny_pipeline_path()
+    else:
+        local_path = _local_path(model)
+        if local_path is not None:
+            _check_local_model(local_path)
+            if not local_path.is_dir():
+                return None
+        source = local_path or model
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+    except OSError as error:
+        raise UserError(f"cannot read the UNet config of '{model}' (not cached and the Hub is unreachable); {_ALTERNATIVES}") from error
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(config)
+
+
 def _check_local_model(path: Path) -> None:
     if not path.exists():
         raise UserError(f"model path {path} does not exist; {_ALTERNATIVES}")

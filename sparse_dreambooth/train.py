@@ -13,9 +13,13 @@ generator state fits in a checkpoint.
 
 import contextlib
 import json
+import math
+import os
 import platform
 import random
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from sparse_dreambooth import __version__, data
 from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
 from sparse_dreambooth.config import TrainConfig, dump_yaml, load_config
 from sparse_dreambooth.errors import UserError
-from sparse_dreambooth.files import write_json, write_safetensors, write_text
+from sparse_dreambooth.files import atomic_path, write_json, write_safetensors, write_text
 from sparse_dreambooth.model import add_time_ids, encode_prompts, load_pipeline, model_identity
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -142,6 +146,62 @@ def load_checkpoint(path: Path, optimizer, scheduler, generator, scaler) -> int:
     return meta["step"]
 
 
+# --- guards: early checks, one run per folder, signals --------------------------------------------
+
+
+def check_adapter_fits(config: TrainConfig) -> None:
+    """Fail on a budget the model's layers cannot hold, from the UNet config alone (no weights)."""
+    from sparse_dreambooth.adapters.budget import lora_ranks, sparse_budgets
+    from sparse_dreambooth.adapters.layer import target_linears
+    from sparse_dreambooth.model import unet_skeleton
+
+    skeleton = unet_skeleton(config.model.model, config.model.revision)
+    if skeleton is None:
+        return  # single-file checkpoints: checked when the adapter is attached
+    linears = target_linears(skeleton, config.adapter.targets)
+    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+    (lora_ranks if config.adapter.method == "lora" else sparse_budgets)(config.adapter, shapes)
+
+
+@contextlib.contextmanager
+def run_lock(output: Path):
+    """Hold output/.lock for the run: a second run on the same folder fails at once. The OS drops
+    the lock when the process dies, so a killed run never leaves the folder locked."""
+    import fcntl
+
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UserError(f"another run (pid {handle.read().strip() or '?'}) is using {output}; wait for it or choose another --output") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+class StopRequests:
+    """Turns SIGINT/SIGTERM into a request the loop honours between steps (checkpoint, then exit)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self):
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 # --- cached training examples --------------------------------------------------------------------
 
 
@@ -156,52 +216,90 @@ class CachedExamples:
     pooled_embeds: torch.Tensor  # (1, D2)
 
 
-@torch.no_grad()
-def cache_examples(pipe, subject: data.Subject, config: TrainConfig, device) -> CachedExamples:
-    means, stds, time_ids = [], [], []
+def prepare_images(subject: data.Subject, config: TrainConfig) -> list[data.PreparedImage]:
+    """Decode every (image, flip) variant up front, so a broken file fails before models load."""
     flips = (False, True) if config.data.random_flip else (False,)
-    for index, path in enumerate(subject.image_paths):
-        for flip in flips:
-            image = data.prepare_image(
-                path,
-                config.data.resolution,
-                flip=flip,
-                center_crop=config.data.center_crop,
-                rng=random.Random(config.train.seed * 1000 + index),
-            )
-            pixels = image.pixels[None].to(device, pipe.vae.dtype)
-            distribution = pipe.vae.encode(pixels).latent_dist
-            means.append(distribution.mean.float().cpu())
-            stds.append(distribution.std.float().cpu())
-            time_ids.append(add_time_ids(image.original_size, image.crop_top_left, image.target_size))
+    return [
+        data.prepare_image(
+            path,
+            config.data.resolution,
+            flip=flip,
+            center_crop=config.data.center_crop,
+            rng=random.Random(config.train.seed * 1000 + index),
+        )
+        for index, path in enumerate(subject.image_paths)
+        for flip in flips
+    ]
+
+
+@torch.no_grad()
+def cache_examples(pipe, images: list[data.PreparedImage], prompt: str, device) -> CachedExamples:
+    means, stds = [], []
+    for image in images:
+        distribution = pipe.vae.encode(image.pixels[None].to(device, pipe.vae.dtype)).latent_dist
+        means.append(distribution.mean.float().cpu())
+        stds.append(distribution.std.float().cpu())
+    time_ids = [add_time_ids(image.original_size, image.crop_top_left, image.target_size) for image in images]
     prompt_embeds, pooled = encode_prompts(
-        [pipe.tokenizer, pipe.tokenizer_2],
-        [pipe.text_encoder, pipe.text_encoder_2],
-        [data.instance_prompt(subject, config.data.token)],
+        [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], [prompt]
     )
     return CachedExamples(torch.cat(means), torch.cat(stds), torch.stack(time_ids), prompt_embeds.float().cpu(), pooled.float().cpu())
+
+
+@torch.no_grad()
+def render_validation(pipe, unet, prompt: str, config: TrainConfig, path: Path) -> None:
+    """One image of the current adapter (unmerged), seeded like evaluation sampling."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    validation = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
+    validation.set_progress_bar_config(disable=True)
+    unet.eval()
+    image = validation(
+        prompt,
+        num_inference_steps=30,
+        height=config.data.resolution,
+        width=config.data.resolution,
+        generator=torch.Generator().manual_seed(config.train.seed),
+    ).images[0]
+    unet.train()
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # --- the run ------------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Train an adapter as `config` says; return the run folder."""
+    """Train an adapter as `config` says; return the run folder.
+
+    Everything a user can get wrong is checked before a model loads. SIGINT/SIGTERM end the run
+    after the current step with a checkpoint (exit code 130/143); `resume="latest"` continues it.
+    """
     from accelerate import Accelerator
+
+    started = time.perf_counter()
+    output = config.output_dir
+    subject = resolve_subject(config)
+    images = prepare_images(subject, config)
+    resume_from = resolve_resume(output, resume)
+    check_output(config, resume_from, overwrite)
+    check_adapter_fits(config)
+
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / "logs")
+    )
+    lock = run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, StopRequests() as stop:
+        return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+
+
+def _run(config, accelerator, subject, images, resume_from, overwrite, stop, started) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    output = config.output_dir
-    subject = resolve_subject(config)  # bad subject or images fail here, before any model loads
-    resume_from = resolve_resume(output, resume)
-    check_output(config, resume_from, overwrite)
-
-    train_cfg = config.train
-    accelerator = Accelerator(
-        mixed_precision=train_cfg.mixed_precision, log_with="tensorboard", project_dir=str(output / "logs")
-    )
+    train_cfg, output = config.train, config.output_dir
     main = accelerator.is_main_process
     if main:
         if overwrite and resume_from is None:
@@ -222,12 +320,14 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         pipe.vae.to(torch.float32)
     pipe.to(device)
     cache_started = time.perf_counter()
-    examples = cache_examples(pipe, subject, config, device)
+    examples = cache_examples(pipe, images, data.instance_prompt(subject, config.data.token), device)
     cache_seconds = time.perf_counter() - cache_started
     scaling_factor = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if train_cfg.validate_every == 0:
-        del pipe.vae, pipe.text_encoder, pipe.text_encoder_2  # not needed after caching
+    validation_prompt = train_cfg.validation_prompt or data.evaluation_prompts(subject, config.data.token)[0]
+    if not train_cfg.validate_every:
+        for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            frozen.to("cpu")  # only needed again for validation images: free the accelerator's memory
 
     unet = pipe.unet
     if resume_from is not None:
@@ -255,6 +355,19 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if resume_from is not None:
         step = load_checkpoint(resume_from, optimizer, lr_scheduler, generator, accelerator.scaler)
 
+    def checkpoint(at_step: int) -> Path:
+        path = output / CHECKPOINTS / f"step-{at_step}"
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(
+                path, accelerator.unwrap_model(unet), config.adapter, base_model, optimizer, lr_scheduler,
+                generator, at_step, accelerator.scaler,
+            )
+            for old in checkpoint_dirs(output)[: -train_cfg.checkpoints_kept]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return path
+
     if main:
         accelerator.init_trackers(
             "sparse-db",
@@ -269,74 +382,74 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     mine = slice(rank * batch, (rank + 1) * batch)
     latent_shape = examples.latent_mean.shape[1:]
     step_seconds: list[float] = []
-    progress = tqdm(total=train_cfg.steps, initial=step, disable=not main, desc="train", unit="step")
     last_loss = float("nan")
-    while step < train_cfg.steps:
-        step_started = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        for micro in range(train_cfg.grad_accum):
-            # One global batch drawn identically on every process; each trains on its slice.
-            global_batch = batch * world
-            index = torch.randint(len(examples.time_ids), (global_batch,), generator=generator)[mine]
-            latent_noise = torch.randn((global_batch, *latent_shape), generator=generator)[mine]
-            noise = torch.randn((global_batch, *latent_shape), generator=generator)[mine]
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=generator
-            )[mine]
-            latents = (examples.latent_mean[index] + examples.latent_std[index] * latent_noise) * scaling_factor
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            last_micro = micro == train_cfg.grad_accum - 1
-            with accelerator.autocast(), (contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)):
-                prediction = unet(
-                    noisy.to(device, weight_dtype),
-                    timesteps.to(device),
-                    examples.prompt_embeds.expand(batch, -1, -1).to(device, weight_dtype),
-                    added_cond_kwargs={
-                        "text_embeds": examples.pooled_embeds.expand(batch, -1).to(device, weight_dtype),
-                        "time_ids": examples.time_ids[index].to(device, weight_dtype),
-                    },
-                ).sample
-                loss = F.mse_loss(prediction.float(), target.to(device).float())
-                accelerator.backward(loss / train_cfg.grad_accum)
-            step_loss += loss.detach() / train_cfg.grad_accum
-        if not torch.isfinite(step_loss):
-            raise UserError(
-                f"the loss became {step_loss.item()} at step {step + 1}; lower --lr or use --mixed-precision bf16/no "
-                f"(the last good checkpoint is kept in {output / CHECKPOINTS})"
-            )
-        accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_seconds.append(time.perf_counter() - step_started)
-
-        last_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}")
-        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(
-                    output / CHECKPOINTS / f"step-{step}",
-                    accelerator.unwrap_model(unet),
-                    config.adapter,
-                    base_model,
-                    optimizer,
-                    lr_scheduler,
-                    generator,
-                    step,
-                    accelerator.scaler,
+    with tqdm(total=train_cfg.steps, initial=step, disable=not main, desc="train", unit="step") as progress:
+        while step < train_cfg.steps:
+            step_started = time.perf_counter()
+            step_loss = torch.zeros((), device=device)
+            for micro in range(train_cfg.grad_accum):
+                # One global batch drawn identically on every process; each trains on its slice.
+                global_batch = batch * world
+                index = torch.randint(len(examples.time_ids), (global_batch,), generator=generator)[mine]
+                latent_noise = torch.randn((global_batch, *latent_shape), generator=generator)[mine]
+                noise = torch.randn((global_batch, *latent_shape), generator=generator)[mine]
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=generator
+                )[mine]
+                latents = (examples.latent_mean[index] + examples.latent_std[index] * latent_noise) * scaling_factor
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                last_micro = micro == train_cfg.grad_accum - 1
+                with accelerator.autocast(), (contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)):
+                    prediction = unet(
+                        noisy.to(device, weight_dtype),
+                        timesteps.to(device),
+                        examples.prompt_embeds.expand(batch, -1, -1).to(device, weight_dtype),
+                        added_cond_kwargs={
+                            "text_embeds": examples.pooled_embeds.expand(batch, -1).to(device, weight_dtype),
+                            "time_ids": examples.time_ids[index].to(device, weight_dtype),
+                        },
+                    ).sample
+                    loss = F.mse_loss(prediction.float(), target.to(device).float())
+                    accelerator.backward(loss / train_cfg.grad_accum)
+                step_loss += loss.detach() / train_cfg.grad_accum
+            # Reduced first, so every process takes the same decision below.
+            last_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(last_loss):
+                kept = checkpoint_dirs(output)
+                raise UserError(
+                    f"the loss became {last_loss} at step {step + 1}; lower --lr or use --mixed-precision bf16/no"
+                    + (f"; the last good checkpoint is {kept[-1]}" if kept else "")
                 )
-                for old in checkpoint_dirs(output)[: -train_cfg.checkpoints_kept]:
-                    shutil.rmtree(old)
-            accelerator.wait_for_everyone()
-    progress.close()
+            accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_seconds.append(time.perf_counter() - step_started)
+
+            accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if train_cfg.validate_every and step % train_cfg.validate_every == 0:
+                if main:
+                    render_validation(pipe, accelerator.unwrap_model(unet), validation_prompt, config, output / "validation" / f"step-{step}.png")
+                accelerator.wait_for_everyone()
+            stopping = accelerator.reduce(torch.tensor(float(stop.received is not None), device=device), reduction="sum").item() > 0
+            if stopping and step < train_cfg.steps:
+                break
+            if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
+                checkpoint(step)
+
+    if step < train_cfg.steps:  # stopped by a signal
+        path = checkpoint(step)
+        accelerator.end_training()
+        if main:
+            print(f"stopped at step {step}; checkpoint in {path}; continue with --resume latest", file=sys.stderr)
+        raise SystemExit(128 + (stop.received or signal.SIGTERM))
 
     accelerator.wait_for_everyone()
     if main:

@@ -5,6 +5,10 @@ import pytest
 
 # Tests never reach the Hub; the tiny model and demo subject are built into a per-session cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One thread in this process and every subprocess a test starts (set before torch is imported):
+# the tiny model gains nothing from two, a busy machine makes OpenMP spin-waits very slow, and
+# runs compared bit for bit across processes then share one reduction order.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 DREAMBOOTH_ROOT = Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
 

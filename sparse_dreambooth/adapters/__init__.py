@@ -11,6 +11,7 @@ from sparse_dreambooth.adapters.layer import (
     attach,
     merge,
     trainable_parameter_count,
+    unload,
     unmerge,
 )
 from sparse_dreambooth.adapters.wavelets import idwt2
@@ -29,5 +30,6 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "trainable_parameter_count",
+    "unload",
     "unmerge",
 ]

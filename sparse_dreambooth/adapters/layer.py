@@ -175,3 +175,16 @@ def unmerge(model: nn.Module) -> None:
 def trainable_parameter_count(model: nn.Module) -> int:
     """Number of adapter parameters in the model."""
     return sum(p.numel() for layer in adapted_layers(model).values() for p in layer.adapter.parameters())
+
+
+def unload(model: nn.Module) -> None:
+    """Merge every adapter into its base weight and put the plain nn.Linear back in its place.
+
+    Afterwards the model holds no adapter at all (nothing to unmerge): what is left is an ordinary
+    model with the merged weights, ready for `save_pretrained`.
+    """
+    for name, layer in adapted_layers(model).items():
+        layer.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, layer.base)

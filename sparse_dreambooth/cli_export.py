@@ -1,0 +1,106 @@
+"""`sparse-db export` and `sparse-db import`: adapters to and from diffusers, PEFT, kohya/ComfyUI.
+
+Imports nothing heavy: `sparse-db --help` must not import torch, so the commands import
+sparse_dreambooth.export inside their bodies.
+"""
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sparse_dreambooth.config import SECTIONS
+
+FORMATS_HELP = (
+    "diffusers (LoRA file for load_lora_weights) | peft (adapter folder for PeftModel.from_pretrained) | "
+    "kohya (A1111/ComfyUI file: LoRA, or full diffs for sparse adapters) | merged (diffusers UNet folder)"
+)
+
+
+def _export(
+    run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train` (or `sparse-db import`)"),
+    format: str = typer.Option(..., "--format", help=FORMATS_HELP),
+    out: Path = typer.Option(..., "--out", help="file (diffusers, kohya: .safetensors) or folder (peft, merged) to write"),
+    rank: Optional[int] = typer.Option(
+        None, "--rank", help="diffusers/kohya: export a sparse adapter as its rank-R SVD approximation (error reported)"
+    ),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 | bf16 weights for diffusers, kohya and merged"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="merged: write the whole SDXL pipeline, not only the UNet"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Write a run's adapter for diffusers, PEFT, kohya/A1111/ComfyUI, or merged into a diffusers UNet."""
+    from sparse_dreambooth.export import export_adapter
+
+    result = export_adapter(run, format, out, rank=rank, dtype=dtype, pipeline=pipeline, overwrite=overwrite)
+    typer.echo(result.summary)
+
+
+def _import(source: Path, output: Path, overwrite: bool, **settings) -> None:
+    from sparse_dreambooth.export import import_adapter
+
+    given = {key: value for key, value in settings.items() if value is not None}
+    run = import_adapter(source, output, overwrite=overwrite, **given)
+    typer.echo(f"imported {source} into {run}; render it with `sparse-db sample --run {run}`")
+
+
+def _setting_options() -> list[inspect.Parameter]:
+    """One --flag per model and data setting, named and documented as `sparse-db train` names them."""
+    parameters = []
+    for section in ("model", "data"):
+        for leaf in dataclasses.fields(SECTIONS[section]):
+            arguments = [a for a in typing.get_args(leaf.type) if a is not type(None)]
+            value_type = arguments[0] if arguments else leaf.type
+            flag = f"--{leaf.name.replace('_', '-')}"
+            if value_type is bool:
+                flag = f"{flag}/--no-{leaf.name.replace('_', '-')}"
+            parameters.append(
+                inspect.Parameter(
+                    leaf.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(
+                        None, flag, help=leaf.metadata["help"], rich_help_panel=f"{section} settings", show_default=False
+                    ),
+                    annotation=Optional[value_type],
+                )
+            )
+    return parameters
+
+
+_import.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "source",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"),
+            annotation=Path,
+        ),
+        inspect.Parameter(
+            "output",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(..., "--output", help="run folder to create (config.yaml, adapter.safetensors, run.json)"),
+            annotation=Path,
+        ),
+        inspect.Parameter(
+            "overwrite",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--overwrite", help="replace an adapter already in --output"),
+            annotation=bool,
+        ),
+        *_setting_options(),
+    ]
+)
+_import.__annotations__ = {parameter.name: parameter.annotation for parameter in _import.__signature__.parameters.values()}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the export and import commands to the `sparse-db` app."""
+    app.command("export", no_args_is_help=True)(_export)
+    app.command(
+        "import",
+        no_args_is_help=True,
+        help="Bring a PEFT WaveFT or LoRA adapter into a run folder, so sample and evaluate work on it. "
+        "Name the base model (--model) and the subject (--subject, or --instance-dir with --class-name).",
+    )(_import)
