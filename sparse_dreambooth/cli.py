@@ -7,7 +7,6 @@ the heavy modules inside its body.
 import inspect
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,8 @@ import typer
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.cli_data import data_app
-from sparse_dreambooth.config import leaf_fields, merge_settings, read_yaml
+from sparse_dreambooth.cli_flags import setting_options, split_lists, with_parameters
+from sparse_dreambooth.config import merge_settings, read_yaml
 from sparse_dreambooth.errors import UserError
 
 app = typer.Typer(
@@ -54,45 +54,15 @@ def main() -> None:
         sys.exit(2)
 
 
-def _flag_options() -> list[inspect.Parameter]:
-    """One --flag per config key, typed and documented from the schema (config.py)."""
-    parameters = []
-    for key, (section, setting) in leaf_fields().items():
-        value_type = str if setting.type is list else _unwrap_optional(setting.type)
-        declaration = f"--{key.replace('_', '-')}"
-        if value_type is bool:
-            declaration = f"{declaration}/--no-{key.replace('_', '-')}"
-        help_text = setting.metadata["help"] + (" (comma-separated)" if setting.type is list else "")
-        parameters.append(
-            inspect.Parameter(
-                key,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, declaration, help=help_text, rich_help_panel=f"{section} settings", show_default=False),
-                annotation=Optional[value_type],
-            )
-        )
-    return parameters
-
-
-def _unwrap_optional(annotation):
-    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
-    return arguments[0] if arguments else annotation
-
-
-def _config_from(config_file: Optional[Path], flags: dict):
-    if flags.get("targets") is not None:
-        flags["targets"] = [target.strip() for target in flags["targets"].split(",") if target.strip()]
-    return merge_settings(read_yaml(config_file) if config_file else None, flags)
-
-
 def _train(config: Optional[Path], resume: Optional[str], overwrite: bool, **flags) -> None:
-    settings = _config_from(config, flags)
+    settings = merge_settings(read_yaml(config) if config else None, split_lists(flags))
     from sparse_dreambooth.train import train
 
     train(settings, resume=resume, overwrite=overwrite)
 
 
-_train.__signature__ = inspect.Signature(
+with_parameters(
+    _train,
     [
         inspect.Parameter(
             "config",
@@ -112,10 +82,9 @@ _train.__signature__ = inspect.Signature(
             default=typer.Option(False, "--overwrite", help="replace a finished or unfinished run in the output folder"),
             annotation=bool,
         ),
-        *_flag_options(),
-    ]
+        *setting_options(),
+    ],
 )
-_train.__annotations__ = {parameter.name: parameter.annotation for parameter in _train.__signature__.parameters.values()}
 app.command(
     "train",
     help="Train an adapter on a subject. Settings: defaults < --config FILE < flags; every config key is a flag.",

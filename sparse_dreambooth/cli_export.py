@@ -4,15 +4,13 @@ Imports nothing heavy: `sparse-db --help` must not import torch, so the commands
 sparse_dreambooth.export inside their bodies.
 """
 
-import dataclasses
 import inspect
-import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from sparse_dreambooth.config import SECTIONS
+from sparse_dreambooth.cli_flags import setting_options, with_parameters
 
 FORMATS_HELP = (
     "diffusers (LoRA file for load_lora_weights) | peft (adapter folder for PeftModel.from_pretrained) | "
@@ -46,30 +44,8 @@ def _import(source: Path, output: Path, overwrite: bool, **settings) -> None:
     typer.echo(f"imported {source} into {run}; render it with `sparse-db sample --run {run}`")
 
 
-def _setting_options() -> list[inspect.Parameter]:
-    """One --flag per model and data setting, named and documented as `sparse-db train` names them."""
-    parameters = []
-    for section in ("model", "data"):
-        for leaf in dataclasses.fields(SECTIONS[section]):
-            arguments = [a for a in typing.get_args(leaf.type) if a is not type(None)]
-            value_type = arguments[0] if arguments else leaf.type
-            flag = f"--{leaf.name.replace('_', '-')}"
-            if value_type is bool:
-                flag = f"{flag}/--no-{leaf.name.replace('_', '-')}"
-            parameters.append(
-                inspect.Parameter(
-                    leaf.name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(
-                        None, flag, help=leaf.metadata["help"], rich_help_panel=f"{section} settings", show_default=False
-                    ),
-                    annotation=Optional[value_type],
-                )
-            )
-    return parameters
-
-
-_import.__signature__ = inspect.Signature(
+with_parameters(
+    _import,
     [
         inspect.Parameter(
             "source",
@@ -89,10 +65,9 @@ _import.__signature__ = inspect.Signature(
             default=typer.Option(False, "--overwrite", help="replace an adapter already in --output"),
             annotation=bool,
         ),
-        *_setting_options(),
-    ]
+        *setting_options(("model", "data")),
+    ],
 )
-_import.__annotations__ = {parameter.name: parameter.annotation for parameter in _import.__signature__.parameters.values()}
 
 
 def register(app: typer.Typer) -> None:
