@@ -192,3 +192,11 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path):
     result = CliRunner().invoke(app, ["train", *FAST, "--subject", "demo", "--steps", "1", "--output", str(run)])
     assert result.exit_code != 0 and "--overwrite" in str(result.exception)
 
+
+
+def test_validation_images_and_flipped_examples(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", *FAST, "--subject", "demo", "--steps", "2", "--validate-every", "1", "--random-flip", "--output", str(run))
+    for step in (1, 2):
+        assert Image.open(run / "validation" / f"step-{step}.png").size == (32, 32)
+    assert json.loads((run / "run.json").read_text())["steps"] == 2
