@@ -131,3 +131,5 @@ def _sample(
 # Commands defined in other modules register themselves here (each module stays torch-free at import).
 from sparse_dreambooth.cli_export import register as register_export
 register_export(app)
+from sparse_dreambooth.cli_eval import register as register_eval
+register_eval(app)

@@ -90,16 +90,6 @@ def randomise(parameters, scale, seed=1):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to share out: a second intra-op thread only adds
-    spin-waiting, which costs seconds per forward when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One run folder per method with random (non-trivial) adapter values, and its UNet output."""

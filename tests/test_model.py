@@ -44,16 +44,6 @@ def offline_with_private_caches(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_DB_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # The tiny model's tensors gain nothing from a second thread, and when other processes keep
-    # the cores busy, OpenMP's waiting threads make each op many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
     """The tiny pipeline as the training loop gets it: built, saved, then loaded from the cache."""
