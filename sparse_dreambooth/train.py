@@ -1,7 +1,7 @@
 """DreamBooth training of an adapter on the SDXL UNet, read top to bottom.
 
     sparse-db train --subject dog6 --method waveft                    # one GPU
-    accelerate launch -m sparse_dreambooth.cli train --config ...    # several
+    accelerate launch -m sparse_dreambooth train --config ...        # several
 
 Order of events: check the input and the run folder (before any model loads), load SDXL, cache
 the VAE latents and text embeddings once, attach the adapter to the UNet, then one loop of
@@ -126,10 +126,14 @@ def save_checkpoint(path: Path, unet, adapter_config, base_model, optimizer, sch
 
 def load_checkpoint(path: Path, optimizer, scheduler, generator, scaler) -> int:
     """Restore what `save_checkpoint` wrote (the adapter is loaded separately); return the step."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "training_state.safetensors"))
-    meta = json.loads((path / "training_state.json").read_text())
+    try:
+        tensors = load_file(str(path / "training_state.safetensors"))
+        meta = json.loads((path / "training_state.json").read_text())
+    except (OSError, SafetensorError, ValueError) as error:
+        raise UserError(f"checkpoint {path} is incomplete or damaged ({error}); resume from an earlier one") from None
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
