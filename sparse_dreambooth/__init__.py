@@ -17,6 +17,7 @@ _ADAPTER_API = {
     "read_adapter",
     "save_adapter",
     "trainable_parameter_count",
+    "unload",
     "unmerge",
 }
 
