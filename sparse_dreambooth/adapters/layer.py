@@ -4,6 +4,9 @@ Every method is an `nn.Module` with the same small protocol:
     delta_weight() -> (out, in) tensor            the scaled weight update
     forward(x) -> x @ delta_weight()^T            its share of the layer output
     touched_indices() -> flat indices or None     entries of W the delta can change (None: all)
+and optionally
+    forward_with_base(x, base) -> base(x) + forward(x), computed together (sparse methods fuse
+                                  the two into one matmul)
 """
 
 import fnmatch
@@ -49,6 +52,9 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        with_base = getattr(self.adapter, "forward_with_base", None)
+        if with_base is not None:
+            return with_base(x, self.base)
         return self.base(x) + self.adapter(x)
 
     @torch.no_grad()

@@ -1,17 +1,18 @@
 """WaveFT and random-sparse (SHiRA): p trainable coefficients at fixed random positions.
 
 delta = scaling * T(C), where C is zero except at the positions and T is the one-level inverse 2D
-DWT (WaveFT) or the identity (random-sparse).
+DWT (WaveFT) or the identity (random-sparse). `delta_weight()` builds the dense delta (the
+reference: merge, export and tests use it); training runs through the kernels in `kernels.py`,
+which never build it.
 """
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from sparse_dreambooth.adapters import kernels
 from sparse_dreambooth.adapters.wavelets import (
     Footprints,
     filter_bank,
-    footprint_index,
     footprints,
     scatter_footprints,
 )
@@ -46,14 +47,47 @@ class SparseAdapter(nn.Module):
         self.wavelet = wavelet
         self.coefficients = nn.Parameter(torch.zeros(positions.shape[1], device=positions.device))
         self.register_buffer("positions", positions.long())
-        self.filter_length = filter_bank(wavelet, torch.float64).shape[1]
+        self._derive_from_positions()
+        # Loading a state dict may bring other positions: re-derive what depends on them.
+        self.register_load_state_dict_post_hook(lambda module, _: module._derive_from_positions())
+
+    def _derive_from_positions(self) -> None:
+        """Footprints and kernel indices of the current positions, as buffers outside the state dict."""
+        filters = filter_bank(self.wavelet, torch.float64, self.positions.device)
+        self.filter_length = filters.shape[1]
         prints = footprints(self.shape, self.positions, self.filter_length)
-        # Derived from positions, so kept out of the state dict.
-        for name in ("row_start", "row_band", "col_start", "col_band"):
-            self.register_buffer(f"_{name}", getattr(prints, name), persistent=False)
+        identity = self.wavelet is None
+        self._axes = tuple(kernels.AxisFilter.for_axis(size, filters, identity) for size in self.shape)
+        derived = {f"_{name}": getattr(prints, name) for name in ("row_start", "row_band", "col_start", "col_band")}
+        plan = kernels.build_plan(self.shape, prints, filters, *self._axes)
+        derived.update({f"_{name}": tensor for name, tensor in plan.items()})
+        for name, tensor in derived.items():
+            self.register_buffer(name, tensor, persistent=False)
 
     def _footprints(self) -> Footprints:
         return Footprints(self._row_start, self._row_band, self._col_start, self._col_band)
+
+    def _plan(self) -> kernels.SparsePlan:
+        # Built once per set of buffers: moving the module to another device replaces them.
+        cached = self.__dict__.get("_cached_plan")
+        if cached is not None and cached.touched is self._touched and cached.scaling == self.scaling:
+            return cached
+        rows, cols = self._axes
+        self._cached_plan = kernels.SparsePlan(
+            shape=self.shape,
+            scaling=self.scaling,
+            rows=rows,
+            cols=cols,
+            touched=self._touched,
+            touched_crow=self._touched_crow,
+            tap_coefficient=self._tap_coefficient,
+            tap_entry=self._tap_entry,
+            tap_weight=self._tap_weight,
+            sample_crow=self._sample_crow,
+            sample_col=self._sample_col,
+            sample_position=self._sample_position,
+        )
+        return self._cached_plan
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out x in) delta, in the coefficients' dtype."""
@@ -63,13 +97,17 @@ class SparseAdapter(nn.Module):
 
     def touched_indices(self) -> torch.Tensor:
         """Flat indices of the weight entries the delta can change (for a bit-exact unmerge)."""
-        flat_index, inside = footprint_index(self._footprints(), self.filter_length, self.shape)
-        return flat_index[inside].unique()
+        return self._touched
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ delta^T: the adapter's share of the layer output. The seam for a fast kernel."""
-        delta = self.delta_weight()
-        return F.linear(x.to(delta.dtype), delta).to(x.dtype)
+        """x @ delta^T: the adapter's share of the layer output, with the delta kept sparse."""
+        return kernels.SparseDeltaMatmul.apply(x, self.coefficients, self._plan())
+
+    def forward_with_base(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        """base(x) + self(x) as one matmul with W + delta when the base is a frozen nn.Linear."""
+        if not kernels.can_fuse(base):
+            return base(x) + self(x)
+        return kernels.FusedSparseLinear.apply(x, self.coefficients, base.weight, base.bias, self._plan())
 
     def extra_repr(self) -> str:
         transform = f"idwt2({self.wavelet})" if self.wavelet else "identity"
