@@ -154,11 +154,14 @@ def attach(
     model.requires_grad_(False)
     layers = {}
     for name, linear in linears.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layers[name] = AdaptedLinear(linear, adapters[name])
-        setattr(parent, child_name, layers[name])
+        _replace_module(model, name, layers[name])
     return layers
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
@@ -191,6 +194,4 @@ def unload(model: nn.Module) -> None:
     """
     for name, layer in adapted_layers(model).items():
         layer.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, layer.base)
+        _replace_module(model, name, layer.base)
