@@ -15,11 +15,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from sparse_dreambooth.config import DEFAULT_MODEL
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.tiny_model import TINY_MODEL_VERSION, build_tiny_pipeline
 
 TINY_MODEL = "tiny"
-DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 _ALTERNATIVES = "use `--model tiny` for a smoke run, or a local diffusers folder or .safetensors file"
 
@@ -124,6 +124,13 @@ def load_pipeline(
     if local_path.is_dir():
         return _load_local_folder(local_path, variant, torch_dtype, components)
     return _load_single_file(local_path, torch_dtype, components)
+
+
+def evaluation_scheduler(scheduler_config):
+    """The sampler the paper's authors used: DPM-Solver++ of order 2, from the model's schedule."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def unet_skeleton(model: str, revision: str | None = None) -> torch.nn.Module | None:

@@ -17,7 +17,7 @@ from sparse_dreambooth.adapters import load_adapter, merge
 from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
-from sparse_dreambooth.model import load_pipeline, model_identity
+from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
 from sparse_dreambooth.train import ADAPTER_FILE, CONFIG_FILE, resolve_subject
 
 EVALUATION_SEEDS = (42, 43, 44, 45)
@@ -67,7 +67,6 @@ def sample(
         output: where the PNGs and samples.json go; default run/samples (run/samples-base).
     """
     from accelerate import Accelerator
-    from diffusers import DPMSolverMultistepScheduler
     from tqdm.auto import tqdm
 
     run = Path(run)
@@ -88,9 +87,7 @@ def sample(
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32  # SDXL's VAE upcasts itself
     model = config.model
     pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=dtype)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
+    pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
         load_adapter(pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision))
         merge(pipe.unet)  # sampling then costs what the base model costs

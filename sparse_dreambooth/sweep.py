@@ -227,13 +227,9 @@ def sample_prompts(sweep: Sweep, job: Job) -> list[str] | None:
     if count is None:
         return None
     from sparse_dreambooth import data
+    from sparse_dreambooth.train import resolve_subject
 
-    if job.config.data.instance_dir is not None:
-        subject = data.custom_subject(job.config.data.instance_dir, job.config.data.class_name)
-    else:
-        root = None if job.subject == data.DEMO_SUBJECT else data.resolve_data_root(job.config.data.data_root)
-        subject = data.get_subject(root, job.subject)
-    return data.evaluation_prompts(subject, job.config.data.token)[: int(count)]
+    return data.evaluation_prompts(resolve_subject(job.config), job.config.data.token)[: int(count)]
 
 
 def _expected_images(sweep: Sweep, prompts: list[str] | None) -> int:

@@ -32,7 +32,7 @@ from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, train
 from sparse_dreambooth.config import TrainConfig, dump_yaml, load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_safetensors, write_text
-from sparse_dreambooth.model import add_time_ids, encode_prompts, load_pipeline, model_identity
+from sparse_dreambooth.model import add_time_ids, encode_prompts, evaluation_scheduler, load_pipeline, model_identity
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -253,9 +253,9 @@ def cache_examples(pipe, images: list[data.PreparedImage], prompt: str, device) 
 @torch.no_grad()
 def render_validation(pipe, unet, prompt: str, config: TrainConfig, path: Path) -> None:
     """One image of the current adapter (unmerged), seeded like evaluation sampling."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = evaluation_scheduler(pipe.scheduler.config)
     validation = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     validation.set_progress_bar_config(disable=True)
     unet.eval()
