@@ -130,5 +130,7 @@ def sample(
                 "images": [{"file": job.file_name, **asdict(job)} for job in jobs],
             },
         )
+    state.wait_for_everyone()
+    state.end_training()  # destroy the process group now, not in the interpreter's teardown
     state.print(f"{len(jobs)} images in {output}")
     return output

@@ -484,6 +484,9 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
                 },
             },
         )
+    # Every rank tears the process group down together, once the main one has written: a rank that
+    # leaves while another still works can hang the gloo/NCCL shutdown.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"adapter written to {output / ADAPTER_FILE}")
     return output

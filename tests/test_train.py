@@ -7,6 +7,7 @@ freshly loaded UNet, never the training loop's own view of itself.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,47 @@ def run_cli(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found += children
+        frontier += children
+    return found
+
+
 def launch(*args: str, processes: int = 2) -> None:
     """The CLI under `accelerate launch` with two gloo processes on the CPU."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
-        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "sparse_dreambooth", *args,
+        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+        "--main_process_port=0",  # a free port: never meet another job's rendezvous on the default 29500
+        "-m", "sparse_dreambooth", *args,
     ]
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # PYTHONFAULTHANDLER: if the launch hangs, SIGABRT makes every process print each thread's stack,
+    # so a failure says where it stuck instead of only that it timed out.
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(process.pid):  # the workers, each in a session of its own
+            os.kill(pid, signal.SIGABRT)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # the launcher itself is stuck
+            process.send_signal(signal.SIGABRT)
+            _, stderr = process.communicate()
+        pytest.fail(f"launch hung; stacks at SIGABRT:\n{stderr[-12000:]}")
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def denoising_loss(unet, pipe, image_paths, resolution, draws=48) -> float:
