@@ -72,7 +72,7 @@ def show(
     """Show one subject: class, kind, image files, training prompt and its 25 evaluation prompts."""
     from sparse_dreambooth import data
 
-    subject = data.get_subject(data.resolve_data_root(data_root), name)
+    subject = data.find_subject(name, data_root)
     typer.echo(f"subject:  {subject.name}")
     typer.echo(f"class:    {subject.class_name}")
     typer.echo(f"kind:     {subject.kind}")

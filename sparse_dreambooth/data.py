@@ -292,6 +292,21 @@ def get_subject(root: str | os.PathLike | None, name: str) -> Subject:
     return subjects[name]
 
 
+def find_subject(
+    name: str | None,
+    data_root: str | None = None,
+    instance_dir: str | os.PathLike | None = None,
+    class_name: str | None = None,
+) -> Subject:
+    """The subject a command names: the user's own photos when `instance_dir` is given, else the
+    DreamBooth subject (or "demo") called `name`, looked up under `resolve_data_root(data_root)`."""
+    if instance_dir is not None:
+        if not class_name:
+            raise UserError("--instance-dir needs --class-name, e.g. --class-name dog")
+        return custom_subject(instance_dir, class_name)
+    return get_subject(resolve_data_root(data_root), name)
+
+
 def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str | None = None) -> Subject:
     """A subject made of the user's own photos.
 

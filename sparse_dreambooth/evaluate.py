@@ -487,12 +487,7 @@ def read_samples(
     run = _run_folder(folder, manifest)
     config = load_config(run / "config.yaml") if run else None
     if subject is not None or instance_dir is not None:
-        if instance_dir is not None:
-            if not class_name:
-                raise UserError("--instance-dir needs --class-name, e.g. --class-name dog")
-            found = data.custom_subject(instance_dir, class_name)
-        else:
-            found = data.get_subject(data.resolve_data_root(data_root) if subject != data.DEMO_SUBJECT else None, subject)
+        found = data.find_subject(subject, data_root, instance_dir, class_name)
     elif config is not None:
         found = resolve_subject(config)
     else:

@@ -43,9 +43,8 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoints_kept", "validate_
 
 
 def resolve_subject(config: TrainConfig) -> data.Subject:
-    if config.data.instance_dir is not None:
-        return data.custom_subject(config.data.instance_dir, config.data.class_name)
-    return data.get_subject(data.resolve_data_root(config.data.data_root), config.data.subject)
+    settings = config.data
+    return data.find_subject(settings.subject, settings.data_root, settings.instance_dir, settings.class_name)
 
 
 # --- run folder and checkpoints ----------------------------------------------------------------

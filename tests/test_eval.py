@@ -303,6 +303,7 @@ def test_evaluate_refuses_what_it_cannot_score(tmp_path):
         (["evaluate"], "nothing to evaluate"),
         (["evaluate", "--samples", str(tmp_path / "missing"), "--subject", "demo"], "does not exist"),
         (["evaluate", "--samples", str(tmp_path), "--subject", "demo"], "no samples"),
+        (["evaluate", "--samples", str(tmp_path), "--instance-dir", str(tmp_path)], "--instance-dir needs --class-name"),
         (["evaluate", "--run", str(tmp_path)], "not a run folder"),
     ]:
         result = CliRunner().invoke(app, args)
