@@ -74,12 +74,14 @@ class AdapterSwitch:
     def using(self, method: str | None, merged: bool = False):
         """The UNet with `method`'s adapters in place (None: the bare base model), then without."""
         self._install(self.linears if method is None else self.layers[method])
-        if merged:
+        if merged:  # as `sparse-db sample` runs: the delta merged into the plain nn.Linear weights
             merge(self.unet)
+            self._install(self.linears)
         try:
             yield
         finally:
             if merged:
+                self._install(self.layers[method])
                 unmerge(self.unet)
             self._install(self.linears)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sparse_dreambooth import data
-from sparse_dreambooth.adapters import load_adapter, merge
+from sparse_dreambooth.adapters import load_adapter, unload
 from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
@@ -90,7 +90,7 @@ def sample(
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
         load_adapter(pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision))
-        merge(pipe.unet)  # sampling then costs what the base model costs
+        unload(pipe.unet)  # merged into plain nn.Linear weights: sampling costs what the base model costs
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
 

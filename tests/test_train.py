@@ -149,6 +149,36 @@ def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
     assert Image.open(run / "samples" / "prompt_00_sample_0_seed_42.png").size == (32, 32)
 
 
+def test_sample_renders_what_the_unmerged_adapter_renders(tmp_path):
+    # `sample` merges the adapter into plain nn.Linear weights; the oracle renders the same image
+    # through the adapter layers' own forward (weights untouched) and must agree to the pixel.
+    from sparse_dreambooth.model import evaluation_scheduler
+
+    run = tmp_path / "run"
+    # A small learning rate: a delta far larger than the random weights makes the tiny model so
+    # ill-conditioned that any two float32 paths (merged or not) drift 1% apart from float64.
+    run_cli("train", *FAST, "--subject", "demo", "--steps", "2", "--lr", "1e-3", "--output", str(run))
+    prompt = "a zjw toy on the beach"
+    args = ["--run", str(run), "--num-steps", "3", "--seeds", "42", "--prompt", prompt]
+    run_cli("sample", *args, "--output", str(tmp_path / "merged"))
+    run_cli("sample", *args, "--method", "base", "--output", str(tmp_path / "base"))
+
+    pipe = load_pipeline("tiny")
+    pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
+    adapters.load_adapter(pipe.unet, run / "adapter.safetensors")
+    with torch.no_grad():
+        expected = pipe(
+            prompt, num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
+            generator=[torch.Generator().manual_seed(42)], output_type="np",
+        ).images[0]
+    expected = np.round(expected * 255).astype(np.int16)
+    name = "prompt_00_sample_0_seed_42.png"
+    merged = np.asarray(Image.open(tmp_path / "merged" / name), dtype=np.int16)
+    base = np.asarray(Image.open(tmp_path / "base" / name), dtype=np.int16)
+    assert np.abs(merged - expected).max() <= 1
+    assert np.abs(base - expected).mean() > 1, "the adapter must change the image"
+
+
 def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
     run = tmp_path / "run"
     run_cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", str(run))
