@@ -7,6 +7,7 @@ the heavy modules inside its body.
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -43,10 +44,23 @@ def _root(
     """DreamBooth for Stable Diffusion XL with sparse adapters (WaveFT, random-sparse, LoRA)."""
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    # Our warnings are notes for the user ("skipping 1 non-image file"), not places in our code;
+    # other libraries' warnings keep Python's format, which says where they come from.
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        return f"sparse-db: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2, with no traceback."""
     # transformers warns at import about optional image backends we never use.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.formatwarning = _format_warning
     try:
         app()
     except UserError as error:

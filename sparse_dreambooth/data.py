@@ -598,15 +598,31 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def _is_license_text(relative: str) -> bool:
+    """The repository's top-level LICENSE*, copied in beside the data for attribution."""
+    return "/" not in relative and relative.upper().startswith("LICENSE")
+
+
 def _manifest_problems(folder: pathlib.Path, manifest: dict[str, str]) -> list[str]:
-    """One line for each manifest file that is missing from `folder` or has another checksum."""
+    """One line for each manifest file that is missing from `folder` or has another checksum.
+
+    Only a warning for the license text: no code reads it, and its name and bytes upstream are
+    the one part of the manifest not checked against GitHub's archive itself. The data (images,
+    prompts_and_classes.txt, the photographers' credits in references_and_licenses.txt) must match.
+    """
     problems = []
     for relative, expected in sorted(manifest.items()):
         path = folder / relative
         if not path.is_file():
-            problems.append(f"{relative} is missing")
+            problem = f"{relative} is missing"
         elif _sha256(path) != expected:
-            problems.append(f"{relative} has the wrong sha256")
+            problem = f"{relative} has the wrong sha256"
+        else:
+            continue
+        if _is_license_text(relative):
+            warnings.warn(f"{problem}; the dataset is CC BY 4.0, credits in references_and_licenses.txt", stacklevel=2)
+        else:
+            problems.append(problem)
     return problems
 
 

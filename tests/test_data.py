@@ -414,6 +414,27 @@ def test_download_refuses_a_mismatch_and_leaves_nothing(served, tmp_path, fake_d
     assert os.listdir(root.parent) == []
 
 
+@pytest.mark.parametrize("upstream_license", [None, ("LICENSE", b"Attribution 4.0 International\n")])
+def test_download_only_warns_about_the_license_text(served, tmp_path, fake_dataset_files, upstream_license):
+    # The packaged manifest's LICENSE.md comes from our copy; GitHub's archive may name or word
+    # its license file differently. That must not refuse the data, which all checks out.
+    folder, base_url = served
+    members = _github_layout(fake_dataset_files)
+    del members["dreambooth-main/LICENSE.md"]
+    if upstream_license:
+        name, text = upstream_license
+        members[f"dreambooth-main/{name}"] = text
+    _write_zip(folder / "main.zip", members)
+    manifest = _manifest(fake_dataset_files) | {"LICENSE.md": hashlib.sha256(b"CC BY 4.0\n").hexdigest()}
+    root = tmp_path / "data" / "dreambooth"
+
+    with pytest.warns(UserWarning, match="LICENSE.md is missing; the dataset is CC BY 4.0"):
+        assert data.download_dataset(root, url=f"{base_url}/main.zip", manifest=manifest, progress=False) == root
+    assert [subject.name for subject in data.list_subjects(root)] == ["mug", "rex"]
+    if upstream_license:
+        assert (root / upstream_license[0]).read_bytes() == upstream_license[1]
+
+
 def _symlink_member():
     member = zipfile.ZipInfo("dreambooth-main/dataset/rex/link.png")
     member.external_attr = 0o120777 << 16  # a symbolic link, its target stored as the content
