@@ -246,7 +246,9 @@ def bench_shape(in_features, out_features, tokens, input_grad, args, device) -> 
     x = torch.randn(1, tokens, in_features, generator=generator).to(device, dtype).requires_grad_(input_grad)
     grad_output = torch.randn(1, tokens, out_features, generator=generator).to(device, dtype)
     calls = {
-        method: training_call(build_layer(method, in_features, out_features, args.budget, dtype, device), x, grad_output, dtype)
+        method: training_call(
+            build_layer(method, in_features, out_features, args.budget, dtype, device), x, grad_output, dtype
+        )
         for method in methods()
     }
     times = interleaved_times(calls, args.repeats, args.warmup, device, args.clock)
@@ -277,14 +279,18 @@ def shape_label(row: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'shape':<24} {'method':<19} {'median ms':>9} {'x frozen':>8} {'x LoRA':>7} {'x PEFT':>7} {'peak MiB':>9} {'peak/LoRA':>9}"
+    header = (
+        f"{'shape':<24} {'method':<19} {'median ms':>9} {'x frozen':>8} {'x LoRA':>7} {'x PEFT':>7} "
+        f"{'peak MiB':>9} {'peak/LoRA':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         shape = shape_label(row)
         peft_ratio = f"{row['time_vs_peft-waveft']:7.2f}" if "time_vs_peft-waveft" in row else f"{'-':>7}"
         print(
-            f"{shape:<24} {row['method']:<19} {row['median_ms']:9.2f} {row['time_vs_frozen']:8.2f} {row['time_vs_lora']:7.2f} "
+            f"{shape:<24} {row['method']:<19} {row['median_ms']:9.2f} {row['time_vs_frozen']:8.2f} "
+            f"{row['time_vs_lora']:7.2f} "
             f"{peft_ratio} {row['peak_bytes'] / 2**20:9.2f} {row['peak_vs_lora']:9.2f}"
         )
 
@@ -306,15 +312,26 @@ def check_targets(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations (half: under autocast)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations (half: under autocast)"
+    )
     parser.add_argument("--budget", type=int, default=2592, help="sparse coefficients per layer (default: 2592)")
     parser.add_argument("--repeats", type=int, default=25, help="timed calls per method and shape (default: 25)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per method first (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0 keeps torch's default (default: 1)")
-    parser.add_argument("--input-grad", choices=("sdxl", "always"), default="sdxl", help="which inputs require grad (default: as in SDXL)")
+    parser.add_argument(
+        "--input-grad",
+        choices=("sdxl", "always"),
+        default="sdxl",
+        help="which inputs require grad (default: as in SDXL)",
+    )
     parser.add_argument("--tokens-scale", type=float, default=1.0, help="multiply every token count (quick runs: 0.25)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), help="wall or process CPU time (default: cpu on CPU, wall on GPU)")
-    parser.add_argument("--json", default="bench_adapters.json", help="where to write the results (default: %(default)s)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), help="wall or process CPU time (default: cpu on CPU, wall on GPU)"
+    )
+    parser.add_argument(
+        "--json", default="bench_adapters.json", help="where to write the results (default: %(default)s)"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)

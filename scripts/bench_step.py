@@ -27,8 +27,6 @@ import os
 import tempfile
 
 import torch
-from torch.nn import functional as F
-
 from bench_adapters import (
     CLOCKS,
     DTYPES,
@@ -39,6 +37,8 @@ from bench_adapters import (
     peak_memory,
     summary,
 )
+from torch.nn import functional as F
+
 from sparse_dreambooth.adapters.layer import AdaptedLinear, build_adapters, merge, target_linears, unmerge
 from sparse_dreambooth.config import AdapterConfig
 
@@ -60,7 +60,9 @@ class AdapterSwitch:
                 for adapter in adapters.values():
                     for parameter in adapter.parameters():
                         parameter.copy_(1e-3 * torch.randn(parameter.shape, generator=generator))
-            self.layers[method] = {name: AdaptedLinear(self.linears[name], adapter) for name, adapter in adapters.items()}
+            self.layers[method] = {
+                name: AdaptedLinear(self.linears[name], adapter) for name, adapter in adapters.items()
+            }
 
     def parameters(self, method: str) -> list[torch.nn.Parameter]:
         return [parameter for layer in self.layers[method].values() for parameter in layer.adapter.parameters()]
@@ -100,7 +102,10 @@ def unet_inputs(config, batch: int, resolution: int, device, dtype, seed: int = 
     inputs = dict(
         sample=sample.to(device, dtype),
         encoder_hidden_states=text.to(device, dtype),
-        added_cond_kwargs={"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.repeat(batch, 1).to(device, dtype)},
+        added_cond_kwargs={
+            "text_embeds": pooled.to(device, dtype),
+            "time_ids": time_ids.repeat(batch, 1).to(device, dtype),
+        },
     )
     return inputs, timesteps.to(device), target.to(device)
 
@@ -182,7 +187,13 @@ def bench_model(model: str, resolution: int, args, device) -> list[dict]:
         contexts = {method: (lambda method=method: switch.using(method)) for method in METHODS}
         times = interleaved_times(steps, args.repeats, args.warmup, device, args.clock, contexts)
         for method in METHODS:
-            row = {"model": model, "resolution": resolution, "kind": "train", "checkpointing": checkpointing, "method": method}
+            row = {
+                "model": model,
+                "resolution": resolution,
+                "kind": "train",
+                "checkpointing": checkpointing,
+                "method": method,
+            }
             row.update(summary(times[method]))
             if args.memory:
                 with switch.using(method):
@@ -191,13 +202,21 @@ def bench_model(model: str, resolution: int, args, device) -> list[dict]:
         print(f"{model} {resolution}px training, checkpointing {'on' if checkpointing else 'off'}: done", flush=True)
     unet.disable_gradient_checkpointing()
     unet.eval()
-    sample = pipeline_call(pipe, resolution, args.sample_steps) if pipe is not None else denoising_loop(unet, batch, args.sample_steps)
+    sample = (
+        pipeline_call(pipe, resolution, args.sample_steps)
+        if pipe is not None
+        else denoising_loop(unet, batch, args.sample_steps)
+    )
     cases = ["base", *(f"{method} merged" for method in METHODS)]
     contexts = {"base": lambda: switch.using(None)}
-    contexts.update({f"{method} merged": (lambda method=method: switch.using(method, merged=True)) for method in METHODS})
+    contexts.update(
+        {f"{method} merged": (lambda method=method: switch.using(method, merged=True)) for method in METHODS}
+    )
     times = interleaved_times(dict.fromkeys(cases, sample), args.sample_repeats, 1, device, args.clock, contexts)
     for case in cases:
-        rows.append({"model": model, "resolution": resolution, "kind": "sample", "method": case, **summary(times[case])})
+        rows.append(
+            {"model": model, "resolution": resolution, "kind": "sample", "method": case, **summary(times[case])}
+        )
     print(f"{model} {resolution}px sampling: done", flush=True)
     return rows
 
@@ -224,7 +243,10 @@ def print_table(rows: list[dict]) -> None:
             what, ratio = f"train, ckpt {'on' if row['checkpointing'] else 'off'}", row["time_vs_lora"]
         else:
             what, ratio = "sample", row["time_vs_base"]
-        print(f"{row['model']:<6} {row['resolution']:>5} {what:<22} {row['method']:<15} {row['median_ms']:11.1f} {ratio:6.3f}")
+        print(
+            f"{row['model']:<6} {row['resolution']:>5} {what:<22} {row['method']:<15} "
+            f"{row['median_ms']:11.1f} {ratio:6.3f}"
+        )
 
 
 def check_targets(rows: list[dict]) -> list[str]:
@@ -234,10 +256,16 @@ def check_targets(rows: list[dict]) -> list[str]:
         if row["kind"] == "train" and row["method"] != "lora":
             ok = row["time_vs_lora"] <= 1.0
             what = f"train ckpt {'on' if row['checkpointing'] else 'off'}"
-            verdicts.append(f"{row['model']} {row['resolution']}px {what} {row['method']} / LoRA <= 1.0: {'met' if ok else 'MISSED'}")
+            verdicts.append(
+                f"{row['model']} {row['resolution']}px {what} {row['method']} / LoRA <= 1.0: "
+                f"{'met' if ok else 'MISSED'}"
+            )
         if row["kind"] == "sample" and row["method"] != "base":
             ok = row["time_vs_base"] <= 1.02
-            verdicts.append(f"{row['model']} {row['resolution']}px sample {row['method']} / base <= 1.02: {'met' if ok else 'MISSED'}")
+            verdicts.append(
+                f"{row['model']} {row['resolution']}px sample {row['method']} / base <= 1.02: "
+                f"{'met' if ok else 'MISSED'}"
+            )
     return verdicts
 
 
@@ -251,18 +279,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("tiny", "sdxl"), default=["tiny", "sdxl"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights; half precision trains under autocast")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights; half precision trains under autocast"
+    )
     parser.add_argument("--tiny-resolution", type=int, default=64, help="default: 64")
     parser.add_argument("--sdxl-resolution", type=int, default=128, help="default: 128 (256 fits 24 GiB in fp32)")
-    parser.add_argument("--checkpointing", nargs="+", type=on_off, default=[False, True], metavar="{off,on}",
-                        help="gradient checkpointing modes to run (default: off on)")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        type=on_off,
+        default=[False, True],
+        metavar="{off,on}",
+        help="gradient checkpointing modes to run (default: off on)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps per method and mode (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")
     parser.add_argument("--sample-steps", type=int, default=2, help="denoising steps per sampling call (default: 2)")
     parser.add_argument("--sample-repeats", type=int, default=5, help="timed sampling calls per case (default: 5)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0 keeps torch's default (default: 1)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), help="wall or process CPU time (default: cpu on CPU, wall on GPU)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, help="peak memory per step (default: on GPUs only)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), help="wall or process CPU time (default: cpu on CPU, wall on GPU)"
+    )
+    parser.add_argument(
+        "--memory", action=argparse.BooleanOptionalAction, help="peak memory per step (default: on GPUs only)"
+    )
     parser.add_argument("--json", default="bench_step.json", help="where to write the results (default: %(default)s)")
     args = parser.parse_args()
 

@@ -43,7 +43,9 @@ def read_state_dict(source: str, member: str | None = None) -> dict:
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise UserError(f"{source} does not exist; give a .pth or .safetensors file, the lpips wheel, or an https:// URL")
+            raise UserError(
+                f"{source} does not exist; give a .pth or .safetensors file, the lpips wheel, or an https:// URL"
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -58,16 +60,24 @@ def read_state_dict(source: str, member: str | None = None) -> dict:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--net", choices=sorted(TORCHVISION_BACKBONES), default="alex", help="LPIPS backbone (default: alex)")
-    parser.add_argument("--backbone", help="torchvision state dict: .pth file or URL (default: torchvision's download URL)")
-    parser.add_argument("--heads", help="LPIPS v0.1 heads: {net}.pth, the lpips wheel, or a URL (default: the wheel, via pip)")
+    parser.add_argument(
+        "--net", choices=sorted(TORCHVISION_BACKBONES), default="alex", help="LPIPS backbone (default: alex)"
+    )
+    parser.add_argument(
+        "--backbone", help="torchvision state dict: .pth file or URL (default: torchvision's download URL)"
+    )
+    parser.add_argument(
+        "--heads", help="LPIPS v0.1 heads: {net}.pth, the lpips wheel, or a URL (default: the wheel, via pip)"
+    )
     parser.add_argument("--out", type=Path, help="output .safetensors (default: the cache file `--lpips NET` reads)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         heads = args.heads
         if heads is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, LPIPS_WHEEL], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, LPIPS_WHEEL], check=True
+            )
             heads = str(next(Path(tmp).glob("lpips-*.whl")))
         out = convert_lpips_weights(
             read_state_dict(args.backbone or TORCHVISION_BACKBONES[args.net]),

@@ -9,12 +9,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.cli_data import data_app
+from sparse_dreambooth.cli_eval import register as register_eval
+from sparse_dreambooth.cli_export import register as register_export
 from sparse_dreambooth.cli_flags import setting_options, split_lists, with_parameters
 from sparse_dreambooth.config import merge_settings, read_yaml
 from sparse_dreambooth.errors import UserError
@@ -68,7 +69,7 @@ def main() -> None:
         sys.exit(2)
 
 
-def _train(config: Optional[Path], resume: Optional[str], overwrite: bool, **flags) -> None:
+def _train(config: Path | None, resume: str | None, overwrite: bool, **flags) -> None:
     settings = merge_settings(read_yaml(config) if config else None, split_lists(flags))
     from sparse_dreambooth.train import train
 
@@ -82,18 +83,20 @@ with_parameters(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, "--config", help="YAML recipe (see configs/); flags override it"),
-            annotation=Optional[Path],
+            annotation=Path | None,
         ),
         inspect.Parameter(
             "resume",
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, "--resume", help="continue from 'latest' or a checkpoints/step-N folder"),
-            annotation=Optional[str],
+            annotation=str | None,
         ),
         inspect.Parameter(
             "overwrite",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(False, "--overwrite", help="replace a finished or unfinished run in the output folder"),
+            default=typer.Option(
+                False, "--overwrite", help="replace a finished or unfinished run in the output folder"
+            ),
             annotation=bool,
         ),
         *setting_options(),
@@ -109,15 +112,21 @@ app.command(
 @app.command("sample")
 def _sample(
     run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train`"),
-    method: str = typer.Option("adapter", "--method", help="'adapter' (the run's) or 'base' (no adapter, for reference)"),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="render this prompt instead of the 25 evaluation prompts (repeatable)"),
+    method: str = typer.Option(
+        "adapter", "--method", help="'adapter' (the run's) or 'base' (no adapter, for reference)"
+    ),
+    prompt: list[str] | None = typer.Option(
+        None, "--prompt", help="render this prompt instead of the 25 evaluation prompts (repeatable)"
+    ),
     seeds: str = typer.Option("42,43,44,45", "--seeds", help="comma-separated seeds: one image per seed per prompt"),
     num_steps: int = typer.Option(30, "--num-steps", help="DPM-Solver++ steps"),
     guidance: float = typer.Option(7.5, "--guidance", help="classifier-free guidance scale"),
     batch_size: int = typer.Option(1, "--batch-size", help="images per pipeline call"),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="negative prompt for every image"),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="image side in pixels (default: the run's)"),
-    output: Optional[Path] = typer.Option(None, "--output", help="folder for the PNGs (default: RUN/samples or RUN/samples-base)"),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="negative prompt for every image"),
+    resolution: int | None = typer.Option(None, "--resolution", help="image side in pixels (default: the run's)"),
+    output: Path | None = typer.Option(
+        None, "--output", help="folder for the PNGs (default: RUN/samples or RUN/samples-base)"
+    ),
 ) -> None:
     """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in."""
     if method not in ("adapter", "base"):
@@ -143,7 +152,5 @@ def _sample(
 
 
 # Commands defined in other modules register themselves here (each module stays torch-free at import).
-from sparse_dreambooth.cli_export import register as register_export
 register_export(app)
-from sparse_dreambooth.cli_eval import register as register_eval
 register_eval(app)

@@ -4,8 +4,6 @@ Nothing heavy is imported here: `sparse-db --help` must stay fast, so each comma
 data module (PIL, numpy) inside its body.
 """
 
-from typing import Optional
-
 import typer
 
 data_app = typer.Typer(
@@ -21,8 +19,8 @@ _DATA_ROOT_HELP = (
 
 @data_app.command("download")
 def download(
-    data_root: Optional[str] = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
-    url: Optional[str] = typer.Option(
+    data_root: str | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+    url: str | None = typer.Option(
         None,
         "--url",
         help="Zip to fetch instead of the google/dreambooth GitHub archive, e.g. a mirror or "
@@ -41,7 +39,7 @@ def download(
 
 
 @data_app.command("list")
-def list_subjects(data_root: Optional[str] = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP)) -> None:
+def list_subjects(data_root: str | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP)) -> None:
     """List the subjects: name, class, kind (object or live) and number of images."""
     from sparse_dreambooth import data
 
@@ -55,7 +53,7 @@ def list_subjects(data_root: Optional[str] = typer.Option(None, "--data-root", h
 
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
     if not dataset_present:
         typer.echo(
             f"The 30 DreamBooth subjects are not at {root}: run `sparse-db data download`, or pass --data-root.",
@@ -66,7 +64,7 @@ def list_subjects(data_root: Optional[str] = typer.Option(None, "--data-root", h
 @data_app.command("show")
 def show(
     name: str = typer.Argument(..., help="Subject name, e.g. dog6, or 'demo'."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+    data_root: str | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
     token: str = typer.Option("zjw", "--token", help="The rare token that stands for the subject in prompts."),
 ) -> None:
     """Show one subject: class, kind, image files, training prompt and its 25 evaluation prompts."""

@@ -6,7 +6,6 @@ sparse_dreambooth.export inside their bodies.
 
 import inspect
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,8 +20,10 @@ FORMATS_HELP = (
 def _export(
     run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train` (or `sparse-db import`)"),
     format: str = typer.Option(..., "--format", help=FORMATS_HELP),
-    out: Path = typer.Option(..., "--out", help="file (diffusers, kohya: .safetensors) or folder (peft, merged) to write"),
-    rank: Optional[int] = typer.Option(
+    out: Path = typer.Option(
+        ..., "--out", help="file (diffusers, kohya: .safetensors) or folder (peft, merged) to write"
+    ),
+    rank: int | None = typer.Option(
         None, "--rank", help="diffusers/kohya: export a sparse adapter as its rank-R SVD approximation (error reported)"
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 | bf16 weights for diffusers, kohya and merged"),
@@ -56,7 +57,9 @@ with_parameters(
         inspect.Parameter(
             "output",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(..., "--output", help="run folder to create (config.yaml, adapter.safetensors, run.json)"),
+            default=typer.Option(
+                ..., "--output", help="run folder to create (config.yaml, adapter.safetensors, run.json)"
+            ),
             annotation=Path,
         ),
         inspect.Parameter(

@@ -6,7 +6,6 @@ Torch-free: the CLI modules import this at start-up.
 import dataclasses
 import inspect
 import typing
-from typing import Optional
 
 import typer
 
@@ -39,7 +38,7 @@ def setting_options(sections=tuple(SECTIONS)) -> list[inspect.Parameter]:
                     default=typer.Option(
                         None, declaration, help=help_text, rich_help_panel=f"{section} settings", show_default=False
                     ),
-                    annotation=Optional[value_type],
+                    annotation=value_type | None,
                 )
             )
     return parameters
@@ -48,7 +47,9 @@ def setting_options(sections=tuple(SECTIONS)) -> list[inspect.Parameter]:
 def split_lists(flags: dict) -> dict:
     """Comma-separated list flags (targets) as lists; other values unchanged."""
     return {
-        key: [item.strip() for item in value.split(",") if item.strip()] if key == "targets" and value is not None else value
+        key: [item.strip() for item in value.split(",") if item.strip()]
+        if key == "targets" and value is not None
+        else value
         for key, value in flags.items()
     }
 

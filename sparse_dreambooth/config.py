@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sparse_dreambooth.errors import UserError, did_you_mean
 
@@ -42,7 +42,9 @@ def discrete_wavelets() -> list[str]:
 
 def _choose(name: str, value, choices) -> None:
     if value not in choices:
-        raise UserError(f"unknown {name} {value!r}{did_you_mean(str(value), choices)}; choose one of {', '.join(choices)}")
+        raise UserError(
+            f"unknown {name} {value!r}{did_you_mean(str(value), choices)}; choose one of {', '.join(choices)}"
+        )
 
 
 def _positive(name: str, value, what: str = "positive") -> None:
@@ -55,18 +57,18 @@ class AdapterConfig:
     """The adapter: method, parameter budget and the method's hyperparameters."""
 
     method: str = setting("waveft", "waveft | random-sparse (SHiRA) | lora")
-    budget: Optional[int] = setting(
+    budget: int | None = setting(
         None, f"trainable parameters per adapted layer (default {DEFAULT_BUDGET} = LoRA r=1 on SDXL)"
     )
-    budget_scale: Optional[float] = setting(
+    budget_scale: float | None = setting(
         None, "total budget as a multiple of LoRA r=1 on the same layers (paper: 0.8 0.9 1 1.5 2 3)"
     )
     allocation: str = setting("uniform", "sparse budget per layer: uniform | proportional (to out*in)")
     cap_budget: bool = setting(False, "cap a budget larger than a layer (with a warning) instead of failing")
     scaling: float = setting(25.0, "multiplier of the sparse delta (PEFT's WaveFT default 25)")
     wavelet: str = setting("db1", "WaveFT wavelet: any discrete pywt wavelet (db1-38, sym, coif, bior, rbio)")
-    rank: Optional[int] = setting(None, "LoRA rank (default: the rank nearest the budget)")
-    alpha: Optional[float] = setting(None, "LoRA alpha (default: equal to the rank)")
+    rank: int | None = setting(None, "LoRA rank (default: the rank nearest the budget)")
+    alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank)")
     adapter_seed: int = setting(777, "seed of the adapter's random choices: sparse positions, LoRA init")
     targets: list = setting(list(SDXL_ATTENTION_TARGETS), "module-name patterns of the linears to adapt")
 
@@ -100,19 +102,19 @@ class ModelSettings:
     """The base model."""
 
     model: str = setting(DEFAULT_MODEL, "Hub id, local diffusers folder, single .safetensors file, or 'tiny'")
-    vae: Optional[str] = setting(None, "replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
-    revision: Optional[str] = setting(None, "Hub revision of the model")
-    variant: Optional[str] = setting(None, "weight variant, e.g. fp16")
+    vae: str | None = setting(None, "replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    revision: str | None = setting(None, "Hub revision of the model")
+    variant: str | None = setting(None, "weight variant, e.g. fp16")
 
 
 @dataclass
 class DataSettings:
     """The subject and how its images are prepared."""
 
-    subject: Optional[str] = setting(None, "DreamBooth subject name (e.g. dog6), or 'demo' for the synthetic one")
-    data_root: Optional[str] = setting(None, "DreamBooth dataset folder (default: $SPARSE_DB_DATA or user data dir)")
-    instance_dir: Optional[str] = setting(None, "folder of your own photos (instead of --subject)")
-    class_name: Optional[str] = setting(None, "class of your own subject, e.g. 'dog' (with --instance-dir)")
+    subject: str | None = setting(None, "DreamBooth subject name (e.g. dog6), or 'demo' for the synthetic one")
+    data_root: str | None = setting(None, "DreamBooth dataset folder (default: $SPARSE_DB_DATA or user data dir)")
+    instance_dir: str | None = setting(None, "folder of your own photos (instead of --subject)")
+    class_name: str | None = setting(None, "class of your own subject, e.g. 'dog' (with --instance-dir)")
     token: str = setting("zjw", "rare token of the instance prompt 'a {token} {class}'")
     resolution: int = setting(1024, "training resolution in pixels (multiple of 8)")
     random_flip: bool = setting(False, "also train on mirrored images")
@@ -140,8 +142,8 @@ class TrainSettings:
     checkpoint_every: int = setting(100, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_kept: int = setting(2, "how many recent checkpoints to keep")
     validate_every: int = setting(0, "render validation images every N steps (0: never)")
-    validation_prompt: Optional[str] = setting(None, "validation prompt (default: the first evaluation prompt)")
-    output: Optional[str] = setting(None, "run folder (default: runs/<subject>-<method>)")
+    validation_prompt: str | None = setting(None, "validation prompt (default: the first evaluation prompt)")
+    output: str | None = setting(None, "run folder (default: runs/<subject>-<method>)")
 
 
 @dataclass
@@ -187,7 +189,9 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     """Every leaf key -> (its section, its field). Keys are unique across sections."""
     return {
-        leaf.name: (section, leaf) for section, section_type in SECTIONS.items() for leaf in dataclasses.fields(section_type)
+        leaf.name: (section, leaf)
+        for section, section_type in SECTIONS.items()
+        for leaf in dataclasses.fields(section_type)
     }
 
 
@@ -219,13 +223,18 @@ def merge_settings(yaml_tree: dict | None, flags: dict[str, Any]) -> TrainConfig
     sections: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for section, values in (yaml_tree or {}).items():
         if section not in SECTIONS:
-            raise UserError(f"unknown config section {section!r}{did_you_mean(section, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+            raise UserError(
+                f"unknown config section {section!r}{did_you_mean(section, SECTIONS)}; sections are "
+                f"{', '.join(SECTIONS)}"
+            )
         if not isinstance(values, dict):
             raise UserError(f"config section {section!r} must be a mapping of keys to values")
         for key, value in values.items():
             if key not in leaves or leaves[key][0] != section:
                 known = [k for k, (s, _) in leaves.items() if s == section]
-                hint = did_you_mean(key, known) or (f" (it belongs in section {leaves[key][0]!r})" if key in leaves else "")
+                hint = did_you_mean(key, known) or (
+                    f" (it belongs in section {leaves[key][0]!r})" if key in leaves else ""
+                )
                 raise UserError(f"unknown config key {section}.{key}{hint}")
             sections[section][key] = _coerce(f"{section}.{key}", value, leaves[key][1].type)
     for key, value in flags.items():

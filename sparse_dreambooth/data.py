@@ -206,7 +206,7 @@ def read_prompts_and_classes(root: str | os.PathLike) -> tuple[dict[str, str], l
     headings = list(_SECTION_HEADING.finditer(text))
     sections = {
         heading.group(1): text[heading.end() : following.start() if following else len(text)]
-        for heading, following in zip(headings, [*headings[1:], None])
+        for heading, following in zip(headings, [*headings[1:], None], strict=False)
     }
 
     classes = {}
@@ -333,7 +333,9 @@ def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str |
     if not images:
         raise UserError(f"no images ({', '.join('*' + suffix for suffix in IMAGE_SUFFIXES)}) in {folder}")
     skipped = sorted(
-        path.name for path in folder.iterdir() if path.is_file() and not path.name.startswith(".") and path not in images
+        path.name
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path not in images
     )
     if skipped:
         warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(skipped[:5])}", stacklevel=2)
@@ -632,10 +634,7 @@ def _summarise(problems: list[str]) -> str:
 
 
 def _manual_download_hint(url: str) -> str:
-    return (
-        f"download {url} by hand, unzip it and pass its dataset/ folder as --data-root "
-        "(or set SPARSE_DB_DATA)"
-    )
+    return f"download {url} by hand, unzip it and pass its dataset/ folder as --data-root (or set SPARSE_DB_DATA)"
 
 
 def _fetch(url: str, destination: pathlib.Path, progress: bool) -> None:

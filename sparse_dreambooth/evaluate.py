@@ -94,7 +94,9 @@ def clip_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
 
 
 def cmmd_pixels(image: Image.Image, size: int = 336) -> torch.Tensor:
-    pixels = torch.nn.functional.interpolate(to_tensor(image)[None], size=(size, size), mode="bicubic", align_corners=False)
+    pixels = torch.nn.functional.interpolate(
+        to_tensor(image)[None], size=(size, size), mode="bicubic", align_corners=False
+    )
     return normalize(pixels[0], CLIP_MEAN, CLIP_STD)
 
 
@@ -137,12 +139,22 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
             num_attention_heads=2,
         ),
         projection_dim=16,
@@ -297,7 +309,10 @@ class MetricModels:
                 return None
 
         if dino == SKIP or clip == SKIP:
-            raise UserError("DINO and CLIP are the protocol's core metrics and cannot be skipped; only --cmmd and --lpips take 'none'")
+            raise UserError(
+                "DINO and CLIP are the protocol's core metrics and cannot be skipped; only --cmmd and "
+                "--lpips take 'none'"
+            )
         dino_model = attempt("DINO", dino, lambda: _load_dino(dino))
         clip_pair = attempt("CLIP", clip, lambda: _load_clip(clip))
         cmmd_model = None
@@ -309,9 +324,12 @@ class MetricModels:
         lpips_model = None if lpips == SKIP else attempt("LPIPS", lpips, lambda: load_lpips(lpips))
         if failures:
             listed = "; ".join(f"{role} {name!r} ({_first_line(error)})" for role, name, error in failures)
-            hub_ids = ", ".join(f"`hf download {name}`" for role, name, _ in failures if role != "LPIPS" and not Path(name).exists())
+            hub_ids = ", ".join(
+                f"`hf download {name}`" for role, name, _ in failures if role != "LPIPS" and not Path(name).exists()
+            )
             lpips_hint = (
-                f" For LPIPS run `python scripts/convert_lpips.py{' --net ' + lpips if lpips in ('alex', 'vgg') else ''}` once with"
+                f" For LPIPS run `python "
+                f"scripts/convert_lpips.py{' --net ' + lpips if lpips in ('alex', 'vgg') else ''}` once with"
                 " network access, or pass --lpips FILE.safetensors."
                 if any(role == "LPIPS" for role, _, _ in failures)
                 else ""
@@ -319,8 +337,8 @@ class MetricModels:
             raise UserError(
                 f"cannot load the metric models: {listed}. Download them once where the Hugging Face Hub is reachable"
                 + (f" ({hub_ids}) and copy the HF cache here," if hub_ids else "")
-                + " or pass local folders with --dino/--clip/--cmmd ('tiny' for a smoke run, 'none' skips CMMD or LPIPS)."
-                + lpips_hint
+                + " or pass local folders with --dino/--clip/--cmmd ('tiny' for a smoke run, 'none' "
+                "skips CMMD or LPIPS)." + lpips_hint
             )
         target = _device(device)
         clip_model, tokenizer = clip_pair
@@ -333,7 +351,12 @@ class MetricModels:
             clip_tokenizer=tokenizer,
             cmmd=cmmd_model,
             lpips=lpips_model,
-            names={"dino": dino, "clip": clip, "cmmd": None if cmmd == SKIP else cmmd, "lpips": None if lpips == SKIP else lpips},
+            names={
+                "dino": dino,
+                "clip": clip,
+                "cmmd": None if cmmd == SKIP else cmmd,
+                "lpips": None if lpips == SKIP else lpips,
+            },
             device=target,
             batch_size=batch_size,
             lpips_resolution=lpips_resolution,
@@ -351,7 +374,9 @@ class MetricModels:
 
     def dino_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
         size = self.dino.config.image_size
-        return self._batched(images, lambda im: dino_pixels(im, size), lambda x: self.dino(pixel_values=x).last_hidden_state[:, 0])
+        return self._batched(
+            images, lambda im: dino_pixels(im, size), lambda x: self.dino(pixel_values=x).last_hidden_state[:, 0]
+        )
 
     def clip_image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
         size = self.clip.config.vision_config.image_size
@@ -362,10 +387,15 @@ class MetricModels:
         with torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
                 tokens = self.clip_tokenizer(
-                    prompts[start : start + self.batch_size], padding=True, truncation=True, max_length=77, return_tensors="pt"
+                    prompts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=77,
+                    return_tensors="pt",
                 )
                 text = self.clip.text_model(
-                    input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+                    input_ids=tokens["input_ids"].to(self.device),
+                    attention_mask=tokens["attention_mask"].to(self.device),
                 )
                 outputs.append(self.clip.text_projection(text.pooler_output).float().cpu())
         return torch.cat(outputs)
@@ -491,11 +521,17 @@ def read_samples(
     elif config is not None:
         found = resolve_subject(config)
     else:
-        raise UserError(f"{folder} belongs to no run folder; name its subject with --subject NAME (or --instance-dir DIR --class-name C)")
+        raise UserError(
+            f"{folder} belongs to no run folder; name its subject with --subject NAME (or --instance-dir "
+            f"DIR --class-name C)"
+        )
     token = token or (config.data.token if config else "zjw")
 
     if manifest is not None:
-        images = [{key: entry[key] for key in ("file", "prompt_index", "sample_index", "seed", "prompt")} for entry in manifest["images"]]
+        images = [
+            {key: entry[key] for key in ("file", "prompt_index", "sample_index", "seed", "prompt")}
+            for entry in manifest["images"]
+        ]
     else:
         prompts = data.evaluation_prompts(found, token)
         images = []
@@ -505,13 +541,29 @@ def read_samples(
                 continue
             prompt_index, sample_index, seed = (int(group) for group in match.groups())
             if prompt_index >= len(prompts):
-                raise UserError(f"{path.name}: the {found.kind} prompt list has {len(prompts)} prompts; add a samples.json naming the prompts")
-            images.append({"file": path.name, "prompt_index": prompt_index, "sample_index": sample_index, "seed": seed, "prompt": prompts[prompt_index]})
+                raise UserError(
+                    f"{path.name}: the {found.kind} prompt list has {len(prompts)} prompts; add a "
+                    f"samples.json naming the prompts"
+                )
+            images.append(
+                {
+                    "file": path.name,
+                    "prompt_index": prompt_index,
+                    "sample_index": sample_index,
+                    "seed": seed,
+                    "prompt": prompts[prompt_index],
+                }
+            )
     if not images:
-        raise UserError(f"no samples (prompt_XX_sample_K_seed_S.png) in {folder}; render them with `sparse-db sample --run RUN`")
+        raise UserError(
+            f"no samples (prompt_XX_sample_K_seed_S.png) in {folder}; render them with `sparse-db sample --run RUN`"
+        )
     missing = [entry["file"] for entry in images if not (folder / entry["file"]).is_file()]
     if missing:
-        raise UserError(f"{len(missing)} of {len(images)} samples are missing in {folder} (first: {missing[0]}); finish `sparse-db sample` first")
+        raise UserError(
+            f"{len(missing)} of {len(images)} samples are missing in {folder} (first: {missing[0]}); "
+            f"finish `sparse-db sample` first"
+        )
 
     info: dict = {"run": str(run) if run else None}
     base = manifest is not None and manifest.get("adapter") is None
@@ -528,7 +580,9 @@ def read_samples(
             steps=config.train.steps,
         )
         run_json = run / RUN_FILE
-        info["trainable_parameters"] = json.loads(run_json.read_text()).get("trainable_parameters") if run_json.is_file() else None
+        info["trainable_parameters"] = (
+            json.loads(run_json.read_text()).get("trainable_parameters") if run_json.is_file() else None
+        )
     else:
         info.update(method="base" if base else "unknown", trainable_parameters=0 if base else None)
     return SampleSet(folder, found, token, images, info)
@@ -568,7 +622,9 @@ def evaluate_samples(samples: SampleSet, models: MetricModels, output=None, cmmd
     cmmd_value = None
     if models.cmmd is not None:
         if cmmd_unbiased and (len(images) < 2 or len(real_images) < 2):
-            raise UserError("the unbiased CMMD needs at least two generated and two real images; pass --cmmd none to skip it")
+            raise UserError(
+                "the unbiased CMMD needs at least two generated and two real images; pass --cmmd none to skip it"
+            )
         cmmd_value = cmmd(models.cmmd_embeddings(images), real["cmmd"], unbiased=cmmd_unbiased)
 
     clip_t_mean = clip_t_per_image.mean().item()
@@ -621,10 +677,16 @@ def evaluate_samples(samples: SampleSet, models: MetricModels, output=None, cmmd
         "protocol": {
             "dino": "mean cosine over (generated, real) pairs of CLS embeddings; resize 256 bicubic, centre crop 224",
             "clip_i": "mean cosine over (generated, real) pairs of projected CLIP image embeddings",
-            "clip_t": "mean cosine between each image and its prompt without the rare token; clip_t_x100 = 100 x clip_t",
+            "clip_t": "mean cosine between each image and its prompt without the rare token; "
+            "clip_t_x100 = 100 x clip_t",
             "lpips_diversity": "mean LPIPS over pairs of samples of the same prompt, averaged over prompts; images at "
-            + (f"{models.lpips_resolution}x{models.lpips_resolution}" if models.lpips_resolution else "their rendered size"),
-            "cmmd": f"{'unbiased' if cmmd_unbiased else 'biased (V-statistic)'} MMD^2, Gaussian RBF sigma {CMMD_SIGMA:g}, "
+            + (
+                f"{models.lpips_resolution}x{models.lpips_resolution}"
+                if models.lpips_resolution
+                else "their rendered size"
+            ),
+            "cmmd": f"{'unbiased' if cmmd_unbiased else 'biased (V-statistic)'} MMD^2, "
+            f"Gaussian RBF sigma {CMMD_SIGMA:g}, "
             f"L2-normalised embeddings, x{CMMD_SCALE:g}",
         },
         "per_prompt": per_prompt,
@@ -673,9 +735,10 @@ def evaluate(
     if not folders:
         raise UserError("nothing to evaluate: pass --run RUN or --samples DIR")
     sets = [
-        read_samples(folder, subject=subject, data_root=data_root, instance_dir=instance_dir, class_name=class_name, token=token)
+        read_samples(
+            folder, subject=subject, data_root=data_root, instance_dir=instance_dir, class_name=class_name, token=token
+        )
         for folder in folders
     ]  # every folder is checked before any model loads
     models = models or MetricModels.load(**model_names)
     return [evaluate_samples(sample_set, models, cmmd_unbiased=cmmd_unbiased) for sample_set in sets]
-

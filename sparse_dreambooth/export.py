@@ -264,7 +264,9 @@ def _error_note(overall: float | None, layer_errors: dict[str, float], rank: int
 # --- the formats --------------------------------------------------------------------------------
 
 
-def _export_diffusers(adapter: _Adapter, out: Path, rank: int | None, dtype: torch.dtype, overwrite: bool) -> ExportResult:
+def _export_diffusers(
+    adapter: _Adapter, out: Path, rank: int | None, dtype: torch.dtype, overwrite: bool
+) -> ExportResult:
     factors, overall, layer_errors = _lora_factors(adapter, rank, dtype, "diffusers' load_lora_weights")
     tensors = {}
     for name, (down, up, alpha) in factors.items():
@@ -284,7 +286,9 @@ def _export_diffusers(adapter: _Adapter, out: Path, rank: int | None, dtype: tor
 
 def _export_kohya(adapter: _Adapter, out: Path, rank: int | None, dtype: torch.dtype, overwrite: bool) -> ExportResult:
     if out.suffix != ".safetensors":
-        raise UserError(f"--out {out}: kohya/A1111/ComfyUI read single .safetensors files; name one, e.g. {out.name}.safetensors")
+        raise UserError(
+            f"--out {out}: kohya/A1111/ComfyUI read single .safetensors files; name one, e.g. {out.name}.safetensors"
+        )
     _check_destination(out, overwrite)
     metadata = {**_provenance(adapter)}
     tensors = {}
@@ -375,7 +379,9 @@ def peft_adapter_config(adapter: _Adapter) -> dict:
     for name, count in counts.items():  # PEFT resolves patterns by regex: make sure each lands
         key = _pattern_key(pattern, name)
         if (pattern[key] if key else n_frequency) != count:
-            raise UserError(f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; export --format kohya or merged")
+            raise UserError(
+                f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; export --format kohya or merged"
+            )
     wavelet = config.wavelet if config.method == "waveft" else "db1"
     return {
         **common,
@@ -458,12 +464,16 @@ def _run_model_settings(adapter: _Adapter, run: Path) -> ModelSettings:
     )
 
 
-def _export_merged(adapter: _Adapter, run: Path, out: Path, dtype: torch.dtype, pipeline: bool, overwrite: bool) -> ExportResult:
+def _export_merged(
+    adapter: _Adapter, run: Path, out: Path, dtype: torch.dtype, pipeline: bool, overwrite: bool
+) -> ExportResult:
     from sparse_dreambooth.model import load_pipeline, model_identity
 
     _check_destination(out, overwrite)
     model = _run_model_settings(adapter, run)
-    pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=torch.float32)
+    pipe = load_pipeline(
+        model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=torch.float32
+    )
     load_adapter(pipe.unet, adapter.path, base_model=model_identity(model.model, model.revision))
     unload(pipe.unet)  # merged in fp32, then cast: one rounding
     saved = pipe if pipeline else pipe.unet
@@ -504,7 +514,9 @@ def export_adapter(
             adapter PEFT cannot reproduce exactly, or an existing `out` without overwrite.
     """
     if format not in FORMATS:
-        raise UserError(f"unknown export format {format!r}{did_you_mean(format, FORMATS)}; choose one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"unknown export format {format!r}{did_you_mean(format, FORMATS)}; choose one of {', '.join(FORMATS)}"
+        )
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if rank is not None and format not in ("diffusers", "kohya"):
@@ -532,12 +544,15 @@ def read_peft_adapter(source) -> tuple[dict, dict[str, torch.Tensor]]:
 
     source = Path(source)
     if not (source / PEFT_CONFIG_NAME).is_file():
-        raise UserError(f"{source} is not a PEFT adapter folder (no {PEFT_CONFIG_NAME}); pass the folder save_pretrained wrote")
+        raise UserError(
+            f"{source} is not a PEFT adapter folder (no {PEFT_CONFIG_NAME}); pass the folder save_pretrained wrote"
+        )
     weights = source / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         if (source / PEFT_PICKLED_WEIGHTS_NAME).is_file():
             raise UserError(
-                f"{source} holds pickled weights ({PEFT_PICKLED_WEIGHTS_NAME}), which sparse-db never loads (they can run "
+                f"{source} holds pickled weights ({PEFT_PICKLED_WEIGHTS_NAME}), which sparse-db never "
+                f"loads (they can run "
                 "code); re-save the adapter with save_pretrained(..., safe_serialization=True)"
             )
         raise UserError(f"{source} has no {PEFT_WEIGHTS_NAME}")
@@ -553,7 +568,9 @@ def read_peft_adapter(source) -> tuple[dict, dict[str, torch.Tensor]]:
     return peft_config, {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in tensors.items()}
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], source) -> dict[str, dict[str, torch.Tensor]]:
+def _split_keys(
+    tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], source
+) -> dict[str, dict[str, torch.Tensor]]:
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         suffix = next((suffix for suffix in suffixes if key.endswith("." + suffix)), None)
@@ -598,7 +615,8 @@ def _import_waveft(peft_config: dict, tensors, shapes, source, model: str) -> tu
         counts[name] = spectrum.numel()
         if spectrum.dim() != 1 or spectrum.numel() > math.prod(shapes[name]):
             raise UserError(
-                f"{source}: layer {name!r} has {spectrum.numel()} coefficients; it holds at most {math.prod(shapes[name])}"
+                f"{source}: layer {name!r} has {spectrum.numel()} coefficients; it holds at most "
+                f"{math.prod(shapes[name])}"
             )
         positions = random_positions(shapes[name], counts[name], seed)  # what PEFT draws, stored from now on
         module = SparseAdapter(shapes[name], positions, scaling, wavelet if use_idwt else None)
@@ -614,7 +632,9 @@ def _import_waveft(peft_config: dict, tensors, shapes, source, model: str) -> tu
         "wavelet": wavelet,
         "adapter_seed": seed,
     }
-    notes = {"coefficients_per_layer": "uniform" if len(set(counts.values())) == 1 else "per layer, as in the PEFT adapter"}
+    notes = {
+        "coefficients_per_layer": "uniform" if len(set(counts.values())) == 1 else "per layer, as in the PEFT adapter"
+    }
     return adapter, modules, notes
 
 
@@ -655,7 +675,9 @@ def _import_lora(peft_config: dict, tensors, shapes, source, model: str) -> tupl
     scales = {scale for _, _, scale in factors.values()}
     rank = max(ranks)
     if any(rank > min(shapes[name]) for name in layers):
-        raise UserError(f"{source}: rank {rank} exceeds a layer's smaller side; sparse-db's LoRA needs rank <= min(out, in)")
+        raise UserError(
+            f"{source}: rank {rank} exceeds a layer's smaller side; sparse-db's LoRA needs rank <= min(out, in)"
+        )
     if len(ranks) == 1 and len(scales) == 1:
         alpha, notes = scales.pop() * rank, {}
     else:
@@ -705,7 +727,9 @@ def _unet_linear_shapes(model: ModelSettings) -> dict[str, tuple[int, int]]:
 
 
 # The settings an imported run takes from the user: its base model and its subject.
-MODEL_AND_DATA_KEYS = tuple(leaf.name for section in ("model", "data") for leaf in dataclasses.fields(SECTIONS[section]))
+MODEL_AND_DATA_KEYS = tuple(
+    leaf.name for section in ("model", "data") for leaf in dataclasses.fields(SECTIONS[section])
+)
 
 
 def import_adapter(source, output, *, overwrite: bool = False, **settings) -> Path:
@@ -756,7 +780,10 @@ def import_adapter(source, output, *, overwrite: bool = False, **settings) -> Pa
         output / RUN_ADAPTER,
         config.adapter,
         base_model=base_model,
-        metadata={"run_config": dump_yaml(config), "imported_from": json.dumps({"format": "peft", "peft_type": peft_type})},
+        metadata={
+            "run_config": dump_yaml(config),
+            "imported_from": json.dumps({"format": "peft", "peft_type": peft_type}),
+        },
     )
     write_json(
         output / RUN_INFO,

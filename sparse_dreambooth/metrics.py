@@ -147,20 +147,55 @@ def bootstrap_ci(
 # torchvision's `features` layouts and the ReLU after which LPIPS taps each of its five layers.
 _BACKBONES = {
     "alex": {
-        "layers": [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool",),
-                   ("conv", 192, 384, 3, 1, 1), ("relu",), ("conv", 384, 256, 3, 1, 1), ("relu",),
-                   ("conv", 256, 256, 3, 1, 1), ("relu",)],
+        "layers": [
+            ("conv", 3, 64, 11, 4, 2),
+            ("relu",),
+            ("pool",),
+            ("conv", 64, 192, 5, 1, 2),
+            ("relu",),
+            ("pool",),
+            ("conv", 192, 384, 3, 1, 1),
+            ("relu",),
+            ("conv", 384, 256, 3, 1, 1),
+            ("relu",),
+            ("conv", 256, 256, 3, 1, 1),
+            ("relu",),
+        ],
         "taps": (1, 4, 7, 9, 11),
     },
     "vgg": {
-        "layers": [("conv", 3, 64, 3, 1, 1), ("relu",), ("conv", 64, 64, 3, 1, 1), ("relu",), ("pool2",),
-                   ("conv", 64, 128, 3, 1, 1), ("relu",), ("conv", 128, 128, 3, 1, 1), ("relu",), ("pool2",),
-                   ("conv", 128, 256, 3, 1, 1), ("relu",), ("conv", 256, 256, 3, 1, 1), ("relu",),
-                   ("conv", 256, 256, 3, 1, 1), ("relu",), ("pool2",),
-                   ("conv", 256, 512, 3, 1, 1), ("relu",), ("conv", 512, 512, 3, 1, 1), ("relu",),
-                   ("conv", 512, 512, 3, 1, 1), ("relu",), ("pool2",),
-                   ("conv", 512, 512, 3, 1, 1), ("relu",), ("conv", 512, 512, 3, 1, 1), ("relu",),
-                   ("conv", 512, 512, 3, 1, 1), ("relu",)],
+        "layers": [
+            ("conv", 3, 64, 3, 1, 1),
+            ("relu",),
+            ("conv", 64, 64, 3, 1, 1),
+            ("relu",),
+            ("pool2",),
+            ("conv", 64, 128, 3, 1, 1),
+            ("relu",),
+            ("conv", 128, 128, 3, 1, 1),
+            ("relu",),
+            ("pool2",),
+            ("conv", 128, 256, 3, 1, 1),
+            ("relu",),
+            ("conv", 256, 256, 3, 1, 1),
+            ("relu",),
+            ("conv", 256, 256, 3, 1, 1),
+            ("relu",),
+            ("pool2",),
+            ("conv", 256, 512, 3, 1, 1),
+            ("relu",),
+            ("conv", 512, 512, 3, 1, 1),
+            ("relu",),
+            ("conv", 512, 512, 3, 1, 1),
+            ("relu",),
+            ("pool2",),
+            ("conv", 512, 512, 3, 1, 1),
+            ("relu",),
+            ("conv", 512, 512, 3, 1, 1),
+            ("relu",),
+            ("conv", 512, 512, 3, 1, 1),
+            ("relu",),
+        ],
         "taps": (3, 8, 15, 22, 29),
     },
 }
@@ -226,7 +261,7 @@ class LPIPS(nn.Module):
         """LPIPS between tapped features (batches broadcast): sum over layers of the spatial mean
         of the head-weighted squared differences."""
         total = 0.0
-        for lin, fa, fb in zip(self.lins, a, b):
+        for lin, fa, fb in zip(self.lins, a, b, strict=False):
             total = total + ((fa - fb).square() * lin).sum(dim=1).mean(dim=(-2, -1))
         return total
 
@@ -245,7 +280,9 @@ class LPIPS(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [name for name in missing if name not in ("shift", "scale")]
         if missing or unexpected:
-            raise KeyError(f"LPIPS weights do not match the {self.net} network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise KeyError(
+                f"LPIPS weights do not match the {self.net} network: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
 
     def lpips_state_dict(self) -> dict[str, torch.Tensor]:
         """`features.N.*` (torchvision's names) and `lin{k}.weight`, ready for safetensors."""

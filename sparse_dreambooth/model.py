@@ -158,7 +158,9 @@ def unet_skeleton(model: str, revision: str | None = None) -> torch.nn.Module | 
     try:
         config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
     except OSError as error:
-        raise UserError(f"cannot read the UNet config of '{model}' (not cached and the Hub is unreachable); {_ALTERNATIVES}") from error
+        raise UserError(
+            f"cannot read the UNet config of '{model}' (not cached and the Hub is unreachable); {_ALTERNATIVES}"
+        ) from error
     with init_empty_weights():
         return UNet2DConditionModel.from_config(config)
 

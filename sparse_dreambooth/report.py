@@ -71,7 +71,9 @@ def find_metrics(paths) -> list[Path]:
             raise UserError(f"{path} does not exist; pass run folders, samples folders or metrics.json files")
     unique = list(dict.fromkeys(path.resolve() for path in found))
     if not unique:
-        raise UserError(f"no {METRICS_FILE} under {', '.join(map(str, paths))}; run `sparse-db evaluate --run RUN` first")
+        raise UserError(
+            f"no {METRICS_FILE} under {', '.join(map(str, paths))}; run `sparse-db evaluate --run RUN` first"
+        )
     return unique
 
 
@@ -140,7 +142,9 @@ def summarize(records: list[dict], n_resamples: int = 10_000, confidence: float 
         label, budget, scaling = key
         params = Counter(r.get("trainable_parameters") for rs in by_subject.values() for r in rs)
         if len(params) > 1:
-            warnings.warn(f"{label} {budget}: runs differ in trainable parameters {sorted(params, key=str)}", stacklevel=2)
+            warnings.warn(
+                f"{label} {budget}: runs differ in trainable parameters {sorted(params, key=str)}", stacklevel=2
+            )
         row = {
             "method": label,
             "budget": budget,
@@ -172,7 +176,9 @@ def _row_order(row: dict):
 
 
 CSV_COLUMNS = ["method", "budget", "scaling", "trainable_parameters", "subjects"] + [
-    f"{name}{suffix}" for name in ("dino", "clip_i", "clip_t", "clip_t_x100", "lpips_diversity", "cmmd") for suffix in ("", "_low", "_high")
+    f"{name}{suffix}"
+    for name in ("dino", "clip_i", "clip_t", "clip_t_x100", "lpips_diversity", "cmmd")
+    for suffix in ("", "_low", "_high")
 ]
 
 
@@ -205,11 +211,14 @@ def table_markdown(rows: list[dict], n_resamples: int, confidence: float, seed: 
             if row.get(name) is None:
                 cells.append("-")
             else:
-                cells.append(f"{row[name]:.{decimals}f} [{row[name + '_low']:.{decimals}f}, {row[name + '_high']:.{decimals}f}]")
+                cells.append(
+                    f"{row[name]:.{decimals}f} [{row[name + '_low']:.{decimals}f}, {row[name + '_high']:.{decimals}f}]"
+                )
         lines.append("| " + " | ".join(cells) + " |")
     note = (
         f"Mean over subjects [{confidence:.0%} percentile-bootstrap interval over subjects, {n_resamples:,} resamples, "
-        f"seed {seed}]. Budget: multiple of LoRA r=1's parameter count (x), per-layer coefficients (p) or LoRA rank (r). "
+        f"seed {seed}]. Budget: multiple of LoRA r=1's parameter count (x), per-layer coefficients (p) "
+        f"or LoRA rank (r). "
         "CLIP-T scores the prompt without the rare token; CMMD is MMD^2 x1000 (RBF sigma 10) against the real images."
     )
     return "\n".join(["# Results", "", note, "", *lines, ""])
@@ -282,7 +291,7 @@ def plot_metrics_vs_parameters(rows: list[dict], path: Path) -> Path | None:
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.4), squeeze=False)
     base = next((row for row in rows if row["method"] == "base"), None)
-    for axis, (name, label, higher, _) in zip(axes[0], metrics):
+    for axis, (name, label, higher, _) in zip(axes[0], metrics, strict=False):
         for method, points in series.items():
             colour, marker = _style(method)
             xs = [row["trainable_parameters"] for row in points if row.get(name) is not None]
@@ -290,19 +299,34 @@ def plot_metrics_vs_parameters(rows: list[dict], path: Path) -> Path | None:
             if not kept:
                 continue
             ys = [row[name] for row in kept]
-            errors = [[y - row[f"{name}_low"] for y, row in zip(ys, kept)], [row[f"{name}_high"] - y for y, row in zip(ys, kept)]]
+            errors = [
+                [y - row[f"{name}_low"] for y, row in zip(ys, kept, strict=False)],
+                [row[f"{name}_high"] - y for y, row in zip(ys, kept, strict=False)],
+            ]
             scaling = kept[0]["scaling"]
             legend = METHOD_NAMES.get(method, method) + (f" (scaling {scaling})" if scaling != "-" else "")
-            axis.errorbar(xs, ys, yerr=errors, color=colour, marker=marker, markersize=7, capsize=3, linewidth=1.8, label=legend)
-            for x, y, row in zip(xs, ys, kept):
-                axis.annotate(row["budget"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=colour)
+            axis.errorbar(
+                xs, ys, yerr=errors, color=colour, marker=marker, markersize=7, capsize=3, linewidth=1.8, label=legend
+            )
+            for x, y, row in zip(xs, ys, kept, strict=False):
+                axis.annotate(
+                    row["budget"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=colour
+                )
         if base is not None and base.get(name) is not None:
-            axis.axhline(base[name], color=METHOD_STYLES["base"][0], linestyle="--", linewidth=1.2, label="base model (no adapter)")
+            axis.axhline(
+                base[name],
+                color=METHOD_STYLES["base"][0],
+                linestyle="--",
+                linewidth=1.2,
+                label="base model (no adapter)",
+            )
         _log_axis(axis, [row["trainable_parameters"] for points in series.values() for row in points], engineering=True)
         axis.set_xlabel("trainable parameters")
         axis.set_title(f"{label} ({'higher' if higher else 'lower'} is better)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.08))
+    figure.legend(
+        handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.08)
+    )
     figure.suptitle("Metric vs parameter budget (mean over subjects, 95% bootstrap interval)")
     figure.tight_layout()
     return _save(figure, path)
@@ -314,25 +338,43 @@ def plot_scaling_ablation(rows: list[dict], path: Path) -> Path | None:
     for row in rows:
         if row["scaling"] != "-":
             ablations[(row["method"], row["budget"])].append(row)
-    ablations = {key: sorted(points, key=lambda row: float(row["scaling"])) for key, points in ablations.items() if len(points) > 1}
+    ablations = {
+        key: sorted(points, key=lambda row: float(row["scaling"]))
+        for key, points in ablations.items()
+        if len(points) > 1
+    }
     metrics = _present_metrics([row for points in ablations.values() for row in points])
     if not ablations or not metrics:
         return None
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.4), squeeze=False)
-    for axis, (name, label, higher, _) in zip(axes[0], metrics):
+    for axis, (name, label, higher, _) in zip(axes[0], metrics, strict=False):
         for (method, budget), points in ablations.items():
             colour, marker = _style(method)
             kept = [row for row in points if row.get(name) is not None]
             xs, ys = [float(row["scaling"]) for row in kept], [row[name] for row in kept]
-            errors = [[y - row[f"{name}_low"] for y, row in zip(ys, kept)], [row[f"{name}_high"] - y for y, row in zip(ys, kept)]]
-            axis.errorbar(xs, ys, yerr=errors, color=colour, marker=marker, markersize=7, capsize=3, linewidth=1.8,
-                          label=f"{METHOD_NAMES.get(method, method)}, budget {budget}")
+            errors = [
+                [y - row[f"{name}_low"] for y, row in zip(ys, kept, strict=False)],
+                [row[f"{name}_high"] - y for y, row in zip(ys, kept, strict=False)],
+            ]
+            axis.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                color=colour,
+                marker=marker,
+                markersize=7,
+                capsize=3,
+                linewidth=1.8,
+                label=f"{METHOD_NAMES.get(method, method)}, budget {budget}",
+            )
         _log_axis(axis, [float(row["scaling"]) for points in ablations.values() for row in points])
         axis.set_xlabel("scaling factor")
         axis.set_title(f"{label} ({'higher' if higher else 'lower'} is better)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.08))
+    figure.legend(
+        handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.08)
+    )
     figure.suptitle("Scaling ablation (mean over subjects, 95% bootstrap interval)")
     figure.tight_layout()
     return _save(figure, path)
@@ -347,7 +389,7 @@ def structural_rank(rows, cols, shape: tuple[int, int]) -> int:
     """
     m, n = shape
     adjacency: list[list[int]] = [[] for _ in range(m)]
-    for r, c in zip(rows, cols):
+    for r, c in zip(rows, cols, strict=False):
         adjacency[int(r)].append(int(c))
     match_row, match_col = [-1] * m, [-1] * n
     for r in range(m):  # greedy start
@@ -386,7 +428,7 @@ def structural_rank(rows, cols, shape: tuple[int, int]) -> int:
                     owner = match_col[c]
                     if owner == -1:
                         path.append(c)
-                        for row, column in zip(stack, path):
+                        for row, column in zip(stack, path, strict=False):
                             match_row[row], match_col[column] = column, row
                         break
                     if layer[owner] == layer[r] + 1:
@@ -433,7 +475,7 @@ def plot_rank(shapes: dict[str, tuple[int, int]], png: Path, csv_path: Path, see
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["shape", "out", "in", "p", "sparse_rank", "lora_rank_same_parameters"])
     for label, shape in shapes.items():
-        for count, rank in zip(counts, curves[label]):
+        for count, rank in zip(counts, curves[label], strict=False):
             writer.writerow([label.split(" ")[0], shape[0], shape[1], count, rank, count // sum(shape)])
     write_text(csv_path, buffer.getvalue())
 
@@ -443,11 +485,24 @@ def plot_rank(shapes: dict[str, tuple[int, int]], png: Path, csv_path: Path, see
     markers = ["o", "s", "^", "D", "v", "P"]
     for index, (label, shape) in enumerate(shapes.items()):
         colour, marker = colours[index % len(colours)], markers[index % len(markers)]
-        axis.plot(counts, curves[label], color=colour, marker=marker, markersize=4, linewidth=1.8,
-                  label=f"random sparse, {label}")
+        axis.plot(
+            counts,
+            curves[label],
+            color=colour,
+            marker=marker,
+            markersize=4,
+            linewidth=1.8,
+            label=f"random sparse, {label}",
+        )
         lora = [(count, count // sum(shape)) for count in counts if count // sum(shape) >= 1]
         if lora:
-            axis.plot(*zip(*lora), color=colour, linestyle=":", linewidth=1.6, label=f"LoRA, same parameters, {shape[0]}x{shape[1]}")
+            axis.plot(
+                *zip(*lora, strict=False),
+                color=colour,
+                linestyle=":",
+                linewidth=1.6,
+                label=f"LoRA, same parameters, {shape[0]}x{shape[1]}",
+            )
     axis.axvline(PAPER_BUDGET, color="#555555", linestyle="--", linewidth=1)
     axis.text(PAPER_BUDGET * 1.08, 12, f"p = {PAPER_BUDGET}\n(= LoRA r=1 on SDXL)", fontsize=8, color="#333333")
     axis.set_xscale("log")
@@ -455,8 +510,11 @@ def plot_rank(shapes: dict[str, tuple[int, int]], png: Path, csv_path: Path, see
     axis.set_ylim(0.9, max(min(shape) for shape in shapes.values()) * 2.5)
     axis.set_xlabel("p = trainable parameters of the layer (non-zero coefficients)")
     axis.set_ylabel("rank of the weight update")
-    axis.set_title("Rank of a random sparse update vs p (solid) and of LoRA with as many parameters (dotted)\n"
-                   "WaveFT (db1) has the rank of its sparse coefficients: the inverse DWT is invertible", fontsize=10)
+    axis.set_title(
+        "Rank of a random sparse update vs p (solid) and of LoRA with as many parameters (dotted)\n"
+        "WaveFT (db1) has the rank of its sparse coefficients: the inverse DWT is invertible",
+        fontsize=10,
+    )
     figure.tight_layout()
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return _save(figure, png)
@@ -469,12 +527,17 @@ def _thumbnail(path: Path, size: int):
         image = ImageOps.exif_transpose(image).convert("RGB")
     width, height = image.size
     side = min(width, height)
-    image = image.crop(((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side))
+    image = image.crop(
+        ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
+    )
     return image.resize((size, size), 3)
 
 
 def _sample_file(folder: Path, prompt_index: int) -> Path | None:
-    found = sorted(folder.glob(f"prompt_{prompt_index:02d}_sample_*_seed_*.png"), key=lambda p: int(re.findall(r"sample_(\d+)", p.name)[0]))
+    found = sorted(
+        folder.glob(f"prompt_{prompt_index:02d}_sample_*_seed_*.png"),
+        key=lambda p: int(re.findall(r"sample_(\d+)", p.name)[0]),
+    )
     return found[0] if found else None
 
 
@@ -496,8 +559,15 @@ def grid_rows(records: list[dict], rows: list[dict], budget: str | None = None) 
     return chosen
 
 
-def image_grids(records: list[dict], rows: list[dict], folder: Path, budget: str | None = None, prompts: list[int] | None = None,
-                columns: int = 4, thumbnail: int = 256) -> list[Path]:
+def image_grids(
+    records: list[dict],
+    rows: list[dict],
+    folder: Path,
+    budget: str | None = None,
+    prompts: list[int] | None = None,
+    columns: int = 4,
+    thumbnail: int = 256,
+) -> list[Path]:
     """Per subject: its real images on top, then one row of samples per method; columns are
     prompts (the first sample of each)."""
     chosen = grid_rows(records, rows, budget)
@@ -534,14 +604,18 @@ def image_grids(records: list[dict], rows: list[dict], folder: Path, budget: str
         for row_index, (key, record) in enumerate(shown, start=1):
             method, budget_text, scaling = key
             name = METHOD_NAMES.get(method, method)
-            label = name if method == "base" else f"{name}\n{budget_text}" + (f", s={scaling}" if scaling != "-" else "")
+            label = (
+                name if method == "base" else f"{name}\n{budget_text}" + (f", s={scaling}" if scaling != "-" else "")
+            )
             axes[row_index][0].set_ylabel(label, fontsize=10)
             for column, prompt_index in enumerate(picked):
                 sample = _sample_file(Path(record["_dir"]), prompt_index)
                 if sample is not None:
                     axes[row_index][column].imshow(_thumbnail(sample, thumbnail))
                 if row_index == 1:
-                    axes[row_index][column].set_title("\n".join(textwrap.wrap(prompt_texts[prompt_index], 24)), fontsize=9)
+                    axes[row_index][column].set_title(
+                        "\n".join(textwrap.wrap(prompt_texts[prompt_index], 24)), fontsize=9
+                    )
         figure.tight_layout()
         written.append(_save(figure, folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', subject)}.png"))
     return written
@@ -592,5 +666,7 @@ def report(
     outputs["scaling_ablation"] = plot_scaling_ablation(rows, out / "scaling_ablation.png")
     shapes = parse_shapes(rank_shapes)
     outputs["rank"] = plot_rank(shapes, out / "rank_vs_p.png", out / "rank_vs_p.csv") if shapes else None
-    outputs["grids"] = image_grids(records, rows, out / "grids", budget=grid_budget, prompts=grid_prompts, columns=grid_columns)
+    outputs["grids"] = image_grids(
+        records, rows, out / "grids", budget=grid_budget, prompts=grid_prompts, columns=grid_columns
+    )
     return outputs

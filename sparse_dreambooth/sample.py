@@ -73,7 +73,9 @@ def sample(
     if not (run / CONFIG_FILE).is_file():
         raise UserError(f"{run} is not a run folder (no {CONFIG_FILE}); pass the --output of a `sparse-db train` run")
     if not base and not (run / ADAPTER_FILE).is_file():
-        raise UserError(f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base")
+        raise UserError(
+            f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base"
+        )
     if num_steps <= 0 or batch_size <= 0:
         raise UserError("--num-steps and --batch-size must be positive")
     config = load_config(run / CONFIG_FILE)
@@ -107,7 +109,7 @@ def sample(
             height=resolution,
             width=resolution,
         ).images
-        for job, image in zip(batch, images):
+        for job, image in zip(batch, images, strict=False):
             with atomic_path(output / job.file_name) as tmp:
                 image.save(tmp, format="PNG")
     state.wait_for_everyone()

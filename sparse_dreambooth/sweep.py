@@ -39,7 +39,15 @@ IGNORED_BY = {
 # How grid keys appear in run names, in this order; other keys follow alphabetically as key-value.
 # sample.EVALUATION_SEEDS, repeated so that planning and --dry-run need not import torch.
 EVALUATION_SEEDS = (42, 43, 44, 45)
-NAME_CODES = {"budget_scale": "x", "budget": "p", "rank": "r", "alpha": "a", "scaling": "s", "wavelet": "", "allocation": ""}
+NAME_CODES = {
+    "budget_scale": "x",
+    "budget": "p",
+    "rank": "r",
+    "alpha": "a",
+    "scaling": "s",
+    "wavelet": "",
+    "allocation": "",
+}
 
 
 @dataclass
@@ -71,7 +79,10 @@ class Job:
 def _check_keys(where: str, values: dict, allowed) -> None:
     for key in values:
         if key not in allowed:
-            raise UserError(f"unknown key {key!r} in {where}{did_you_mean(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}")
+            raise UserError(
+                f"unknown key {key!r} in {where}{did_you_mean(str(key), allowed)}; allowed: "
+                f"{', '.join(sorted(allowed))}"
+            )
 
 
 def _as_list(key: str, value) -> list:
@@ -93,11 +104,19 @@ def load_sweep(path) -> Sweep:
         raise UserError(f"{path}: config {config!r} does not exist (paths are relative to the sweep file)")
     settings = tree.get("settings") or {}
     grid = tree.get("grid") or [{}]
-    if not isinstance(settings, dict) or not isinstance(grid, list) or not all(isinstance(entry, dict) for entry in grid):
-        raise UserError(f"{path}: settings must be a mapping of config keys, grid a list of mappings of config keys to lists")
+    if (
+        not isinstance(settings, dict)
+        or not isinstance(grid, list)
+        or not all(isinstance(entry, dict) for entry in grid)
+    ):
+        raise UserError(
+            f"{path}: settings must be a mapping of config keys, grid a list of mappings of config keys to lists"
+        )
     for key in [*settings, *(key for entry in grid for key in entry)]:
         if key in ("subject", "output", "instance_dir"):
-            raise UserError(f"{path}: {key!r} is set by the sweep; list subjects under 'subjects' and the folder under 'output'")
+            raise UserError(
+                f"{path}: {key!r} is set by the sweep; list subjects under 'subjects' and the folder under 'output'"
+            )
         if key not in leaves:
             raise UserError(f"{path}: unknown config key {key!r}{did_you_mean(key, leaves)}")
     grid = [{key: _as_list(key, value) for key, value in entry.items()} for entry in grid]
@@ -153,7 +172,7 @@ def plan(sweep: Sweep) -> list[Job]:
         for entry in sweep.grid:
             keys = list(entry)
             for combination in itertools.product(*(entry[key] for key in keys)):
-                flags = {**sweep.settings, **dict(zip(keys, combination)), "subject": subject}
+                flags = {**sweep.settings, **dict(zip(keys, combination, strict=False)), "subject": subject}
                 method = flags.get("method") or ((base or {}).get("adapter") or {}).get("method", "waveft")
                 flags = {key: value for key, value in flags.items() if key not in IGNORED_BY.get(method, ())}
                 values = _flat(merge_settings(base, flags))
@@ -208,7 +227,9 @@ def sample_state(job: Job, expected: int | None) -> str:
     if manifest is None:
         return "new"
     images = manifest["images"]
-    if all((job.output / "samples" / image["file"]).is_file() for image in images) and (expected is None or len(images) == expected):
+    if all((job.output / "samples" / image["file"]).is_file() for image in images) and (
+        expected is None or len(images) == expected
+    ):
         return "done"
     return "resume"
 
@@ -216,7 +237,11 @@ def sample_state(job: Job, expected: int | None) -> str:
 def evaluate_state(job: Job) -> str:
     path = job.output / "samples" / "metrics.json"
     manifest = _manifest(job)
-    if path.is_file() and manifest is not None and json.loads(path.read_text()).get("num_images") == len(manifest["images"]):
+    if (
+        path.is_file()
+        and manifest is not None
+        and json.loads(path.read_text()).get("num_images") == len(manifest["images"])
+    ):
         return "done"
     return "new"
 

@@ -193,7 +193,7 @@ def _apply_merges(word: str, merges: list[tuple[str, str]]) -> list[str]:
     rank = {pair: index for index, pair in enumerate(merges)}
     pieces = list(word[:-1]) + [word[-1] + END_OF_WORD]
     while len(pieces) > 1:
-        pairs = [(rank.get(pair, len(rank)), index) for index, pair in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(rank.get(pair, len(rank)), index) for index, pair in enumerate(zip(pieces, pieces[1:], strict=False))]
         best_rank, index = min(pairs)
         if best_rank == len(rank):
             break

@@ -65,7 +65,10 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
         return found[-1]
     path = Path(resume)
     if not (path / ADAPTER_FILE).is_file():
-        raise UserError(f"--resume {resume}: not a checkpoint folder (no {ADAPTER_FILE}); use 'latest' or a {CHECKPOINTS}/step-N folder")
+        raise UserError(
+            f"--resume {resume}: not a checkpoint folder (no {ADAPTER_FILE}); use 'latest' or a "
+            f"{CHECKPOINTS}/step-N folder"
+        )
     return path
 
 
@@ -82,7 +85,9 @@ def check_output(config: TrainConfig, resume: Path | None, overwrite: bool) -> N
                 if key not in RESUMABLE_CHANGES and saved.to_dict()[section][key] != value
             ]
             if changed:
-                raise UserError(f"--resume: {changed[0]} differs from the run in {output}; resume with the run's own settings")
+                raise UserError(
+                    f"--resume: {changed[0]} differs from the run in {output}; resume with the run's own settings"
+                )
         return
     if overwrite:
         return
@@ -92,7 +97,9 @@ def check_output(config: TrainConfig, resume: Path | None, overwrite: bool) -> N
         raise UserError(f"{output} holds an unfinished run; pass --resume latest to continue it or --overwrite")
 
 
-def save_checkpoint(path: Path, unet, adapter_config, base_model, optimizer, scheduler, generator, step, scaler) -> None:
+def save_checkpoint(
+    path: Path, unet, adapter_config, base_model, optimizer, scheduler, generator, step, scaler
+) -> None:
     """Adapter, optimizer, scheduler, generator and step, as safetensors + JSON; no pickles.
 
     Written into a temp folder and renamed, so a crash mid-write leaves the previous checkpoint.
@@ -178,7 +185,10 @@ def run_lock(output: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise UserError(f"another run (pid {handle.read().strip() or '?'}) is using {output}; wait for it or choose another --output") from None
+            raise UserError(
+                f"another run (pid {handle.read().strip() or '?'}) is using {output}; wait for it or "
+                f"choose another --output"
+            ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
@@ -246,7 +256,9 @@ def cache_examples(pipe, images: list[data.PreparedImage], prompt: str, device) 
     prompt_embeds, pooled = encode_prompts(
         [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], [prompt]
     )
-    return CachedExamples(torch.cat(means), torch.cat(stds), torch.stack(time_ids), prompt_embeds.float().cpu(), pooled.float().cpu())
+    return CachedExamples(
+        torch.cat(means), torch.cat(stds), torch.stack(time_ids), prompt_embeds.float().cpu(), pooled.float().cpu()
+    )
 
 
 @torch.no_grad()
@@ -315,7 +327,11 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[train_cfg.mixed_precision]
     model_cfg = config.model
     pipe = load_pipeline(
-        model_cfg.model, vae=model_cfg.vae, revision=model_cfg.revision, variant=model_cfg.variant, torch_dtype=weight_dtype
+        model_cfg.model,
+        vae=model_cfg.vae,
+        revision=model_cfg.revision,
+        variant=model_cfg.variant,
+        torch_dtype=weight_dtype,
     )
     base_model = model_identity(model_cfg.model, model_cfg.revision)
     device = accelerator.device
@@ -363,8 +379,15 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
         accelerator.wait_for_everyone()
         if main:
             save_checkpoint(
-                path, accelerator.unwrap_model(unet), config.adapter, base_model, optimizer, lr_scheduler,
-                generator, at_step, accelerator.scaler,
+                path,
+                accelerator.unwrap_model(unet),
+                config.adapter,
+                base_model,
+                optimizer,
+                lr_scheduler,
+                generator,
+                at_step,
+                accelerator.scaler,
             )
             for old in checkpoint_dirs(output)[: -train_cfg.checkpoints_kept]:
                 shutil.rmtree(old)
@@ -406,7 +429,7 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
                 else:
                     target = noise
                 last_micro = micro == train_cfg.grad_accum - 1
-                with accelerator.autocast(), (contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)):
+                with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
                     prediction = unet(
                         noisy.to(device, weight_dtype),
                         timesteps.to(device),
@@ -439,9 +462,20 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if train_cfg.validate_every and step % train_cfg.validate_every == 0:
                 if main:
-                    render_validation(pipe, accelerator.unwrap_model(unet), validation_prompt, config, output / "validation" / f"step-{step}.png")
+                    render_validation(
+                        pipe,
+                        accelerator.unwrap_model(unet),
+                        validation_prompt,
+                        config,
+                        output / "validation" / f"step-{step}.png",
+                    )
                 accelerator.wait_for_everyone()
-            stopping = accelerator.reduce(torch.tensor(float(stop.received is not None), device=device), reduction="sum").item() > 0
+            stopping = (
+                accelerator.reduce(
+                    torch.tensor(float(stop.received is not None), device=device), reduction="sum"
+                ).item()
+                > 0
+            )
             if stopping and step < train_cfg.steps:
                 break
             if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
@@ -469,7 +503,12 @@ def _run(config, accelerator, subject, images, resume_from, overwrite, stop, sta
             {
                 "sparse_dreambooth": __version__,
                 "versions": _versions(),
-                "subject": {"name": subject.name, "class": subject.class_name, "kind": subject.kind, "images": len(subject.image_paths)},
+                "subject": {
+                    "name": subject.name,
+                    "class": subject.class_name,
+                    "kind": subject.kind,
+                    "images": len(subject.image_paths),
+                },
                 "base_model": base_model,
                 "trainable_parameters": trainable_parameter_count(adapter_unet),
                 "steps": step,

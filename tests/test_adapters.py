@@ -75,7 +75,9 @@ def test_idwt2_equals_pywt_waverec2_for_every_discrete_wavelet(shape, dtype):
         coefficients = rng.normal(size=shape)
         ours = sd.idwt2(torch.tensor(coefficients, dtype=dtype), wavelet)
         assert ours.dtype == dtype
-        np.testing.assert_allclose(ours.double().numpy(), pywt_reference(coefficients, wavelet), atol=tolerance, err_msg=wavelet)
+        np.testing.assert_allclose(
+            ours.double().numpy(), pywt_reference(coefficients, wavelet), atol=tolerance, err_msg=wavelet
+        )
 
 
 def test_idwt2_unpadded_haar_is_plain_waverec2():
@@ -136,7 +138,12 @@ def test_delta_equals_peft_waveft_for_the_same_coefficients(method, wavelet, sha
         coefficients = {name: layer.adapter.coefficients.detach().clone() for name, layer in layers.items()}
         reference = peft_delta(
             fresh_model(out_features=out_features, in_features=in_features),
-            method, budget, scaling, wavelet, seed, coefficients,
+            method,
+            budget,
+            scaling,
+            wavelet,
+            seed,
+            coefficients,
         )
         for name, layer in layers.items():
             torch.testing.assert_close(layer.adapter.delta_weight(), reference[name], rtol=1e-5, atol=1e-5)
@@ -146,7 +153,8 @@ def test_delta_equals_peft_waveft_for_the_same_coefficients(method, wavelet, sha
 
 
 @pytest.mark.parametrize(
-    "method,wavelet", [("waveft", "db1"), ("waveft", "db3"), ("waveft", "bior2.4"), ("random-sparse", "db1"), ("lora", "db1")]
+    "method,wavelet",
+    [("waveft", "db1"), ("waveft", "db3"), ("waveft", "bior2.4"), ("random-sparse", "db1"), ("lora", "db1")],
 )
 def test_gradients_equal_finite_differences(method, wavelet):
     model = fresh_model(in_features=7, out_features=9).double()
@@ -158,7 +166,7 @@ def test_gradients_equal_finite_differences(method, wavelet):
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
 
     def forward(x, *values):
-        return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+        return torch.func.functional_call(layer, dict(zip(names, values, strict=False)), (x,))
 
     assert torch.autograd.gradcheck(forward, (x, *values))
 

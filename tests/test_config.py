@@ -33,7 +33,10 @@ def test_every_recipe_is_valid_and_round_trips(recipe, tmp_path):
     assert load_config(saved) == config
 
 
-@pytest.mark.parametrize("recipe,method", [("sdxl_waveft.yaml", "waveft"), ("sdxl_random_sparse.yaml", "random-sparse"), ("sdxl_lora.yaml", "lora")])
+@pytest.mark.parametrize(
+    "recipe,method",
+    [("sdxl_waveft.yaml", "waveft"), ("sdxl_random_sparse.yaml", "random-sparse"), ("sdxl_lora.yaml", "lora")],
+)
 def test_paper_recipes_hold_the_papers_setup(recipe, method):
     # Values from the authors' configs (../shared/notes/method-facts.md).
     config = merge_settings(read_yaml(CONFIGS / recipe), {"subject": "dog6"})

@@ -186,9 +186,7 @@ def _expected(rgb):
         pytest.param(lambda: Image.new("RGBA", (24, 20), (255, 0, 0, 255)), (255, 0, 0), id="RGBA-opaque"),
         pytest.param(lambda: Image.new("L", (24, 20), 200), (200, 200, 200), id="L"),
         # 16448 = 64 * 257, the 16-bit code of 8-bit level 64; Pillow alone would clip it to 255.
-        pytest.param(
-            lambda: Image.fromarray(np.full((20, 24), 16448, dtype=np.uint16)), (64, 64, 64), id="I;16"
-        ),
+        pytest.param(lambda: Image.fromarray(np.full((20, 24), 16448, dtype=np.uint16)), (64, 64, 64), id="I;16"),
         pytest.param(lambda: Image.new("RGB", (24, 20), (0, 255, 0)).convert("P"), (0, 255, 0), id="P"),
     ],
 )
@@ -380,7 +378,11 @@ def test_download_unpacks_verifies_and_lists(served, tmp_path, fake_dataset_file
 
     assert data.download_dataset(root, url=f"{base_url}/main.zip", manifest=manifest, progress=False) == root
     assert sorted(path.name for path in root.iterdir()) == [
-        "LICENSE.md", "mug", "prompts_and_classes.txt", "references_and_licenses.txt", "rex"
+        "LICENSE.md",
+        "mug",
+        "prompts_and_classes.txt",
+        "references_and_licenses.txt",
+        "rex",
     ]
     assert os.listdir(root.parent) == ["dreambooth"]  # no temporary files left behind
     subjects = data.list_subjects(root)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DREAMBOOTH_ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DREAMBOOTH_ROOT
 from sparse_dreambooth import metrics
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
@@ -125,7 +125,9 @@ def test_lpips_weights_convert_from_torchvision_and_the_lpips_wheel(tmp_path):
 
     from sparse_dreambooth.evaluate import load_lpips
 
-    spec = importlib.util.spec_from_file_location("convert_lpips", Path(__file__).resolve().parents[1] / "scripts" / "convert_lpips.py")
+    spec = importlib.util.spec_from_file_location(
+        "convert_lpips", Path(__file__).resolve().parents[1] / "scripts" / "convert_lpips.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 
@@ -136,7 +138,9 @@ def test_lpips_weights_convert_from_torchvision_and_the_lpips_wheel(tmp_path):
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 192, 384, 256, 256))}
     torch.save(state, tmp_path / "alexnet.pth")
     torch.save(heads, tmp_path / "alex.pth")
-    with zipfile.ZipFile(tmp_path / "lpips-0.1.4-py3-none-any.whl", "w") as wheel:  # heads as the lpips wheel ships them
+    with zipfile.ZipFile(
+        tmp_path / "lpips-0.1.4-py3-none-any.whl", "w"
+    ) as wheel:  # heads as the lpips wheel ships them
         wheel.write(tmp_path / "alex.pth", "lpips/weights/v0.1/alex.pth")
     expected = metrics.LPIPS("alex")
     expected.features.load_state_dict(backbone.state_dict())
@@ -149,7 +153,16 @@ def test_lpips_weights_convert_from_torchvision_and_the_lpips_wheel(tmp_path):
         with torch.no_grad():
             assert torch.equal(load_lpips(str(out))(x, y), expected(x, y))
     with pytest.raises(UserError, match="not LPIPS alex weights"):
-        script.main(["--backbone", str(tmp_path / "alex.pth"), "--heads", str(tmp_path / "alex.pth"), "--out", str(tmp_path / "bad.safetensors")])
+        script.main(
+            [
+                "--backbone",
+                str(tmp_path / "alex.pth"),
+                "--heads",
+                str(tmp_path / "alex.pth"),
+                "--out",
+                str(tmp_path / "bad.safetensors"),
+            ]
+        )
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (16, 16), (30, 8)])
@@ -160,11 +173,17 @@ def test_structural_rank_is_the_rank_of_a_random_sparse_matrix(shape):
     counts = [1, 4, 9, 15, 24, 40, 70, 120]
     ranks = rank_curve(shape, counts, seed=3)
     assert ranks == sorted(ranks) and ranks[-1] <= min(shape)
-    for count, rank in zip(counts, ranks):
+    for count, rank in zip(counts, ranks, strict=False):
         positions = random_positions(shape, min(count, shape[0] * shape[1]), 3)
         matrix = torch.zeros(shape, dtype=torch.float64)
-        matrix[positions[0], positions[1]] = torch.randn(positions.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(count))
-        assert rank == torch.linalg.matrix_rank(matrix).item() == structural_rank(positions[0].tolist(), positions[1].tolist(), shape)
+        matrix[positions[0], positions[1]] = torch.randn(
+            positions.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(count)
+        )
+        assert (
+            rank
+            == torch.linalg.matrix_rank(matrix).item()
+            == structural_rank(positions[0].tolist(), positions[1].tolist(), shape)
+        )
 
 
 # --- evaluate, end to end on tiny models built from configs here --------------------------------------
@@ -178,23 +197,63 @@ def _save_tiny_metric_models(folder: Path) -> dict[str, str]:
     from sparse_dreambooth.files import write_safetensors
 
     torch.manual_seed(0)
-    dino = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                              intermediate_size=48), add_pooling_layer=False)
+    dino = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+        ),
+        add_pooling_layer=False,
+    )
     dino.save_pretrained(folder / "dino")
     tokenizer = tiny_clip_tokenizer()
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=12,
-    ))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                hidden_size=24,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            vision_config=dict(
+                image_size=32,
+                patch_size=8,
+                hidden_size=24,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+            ),
+            projection_dim=12,
+        )
+    )
     clip.save_pretrained(folder / "clip")
     tokenizer.save_pretrained(folder / "clip")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=48, patch_size=16, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                                   num_attention_heads=2, projection_dim=12)).save_pretrained(folder / "cmmd")
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            image_size=48,
+            patch_size=16,
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=12,
+        )
+    ).save_pretrained(folder / "cmmd")
     write_safetensors(folder / "lpips.safetensors", tiny_lpips(seed=3).lpips_state_dict(), metadata={"net": "alex"})
-    return {"--dino": str(folder / "dino"), "--clip": str(folder / "clip"), "--cmmd": str(folder / "cmmd"), "--lpips": str(folder / "lpips.safetensors")}
+    return {
+        "--dino": str(folder / "dino"),
+        "--clip": str(folder / "clip"),
+        "--cmmd": str(folder / "cmmd"),
+        "--lpips": str(folder / "lpips.safetensors"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +265,16 @@ def evaluated_run(tmp_path_factory):
     run = folder / "run"
     run_cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", str(run))
     prompts = evaluation_prompts(get_subject(None, "demo"))[:2]
-    run_cli("sample", "--run", str(run), "--num-steps", "1", "--seeds", "42,43,44", *(a for p in prompts for a in ("--prompt", p)))
+    run_cli(
+        "sample",
+        "--run",
+        str(run),
+        "--num-steps",
+        "1",
+        "--seeds",
+        "42,43,44",
+        *(a for p in prompts for a in ("--prompt", p)),
+    )
     flags = [item for pair in models.items() for item in pair]
     run_cli("evaluate", "--run", str(run), *flags)
     return run, models, flags
@@ -249,11 +317,15 @@ def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
     clip = CLIPModel.from_pretrained(models["--clip"]).eval()
     tokens = AutoTokenizer.from_pretrained(models["--clip"])(["a toy in the jungle"], return_tensors="pt")
     # CLIP: resize the shorter side to 32 (bicubic), centre crop 32, CLIP mean/std.
-    pixels = torch.from_numpy(np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32) / 255).permute(2, 0, 1)
+    pixels = torch.from_numpy(
+        np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    ).permute(2, 0, 1)
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     with torch.no_grad():
         text = clip.text_projection(clip.text_model(**tokens).pooler_output)
-        picture = clip.visual_projection(clip.vision_model(pixel_values=((pixels - mean[:, None, None]) / std[:, None, None])[None]).pooler_output)
+        picture = clip.visual_projection(
+            clip.vision_model(pixel_values=((pixels - mean[:, None, None]) / std[:, None, None])[None]).pooler_output
+        )
     assert float(rows[0]["clip_t"]) == pytest.approx(torch.cosine_similarity(text, picture).item(), abs=1e-5)
 
     # DINO: resize to round(32 * 256/224) = 37, centre crop 32, ImageNet mean/std, CLS token.
@@ -264,8 +336,12 @@ def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
         size = (37, int(37 * h / w)) if w <= h else (int(37 * w / h), 37)
         img = img.resize(size, Image.Resampling.BICUBIC)
         top, left = int(round((size[1] - 32) / 2)), int(round((size[0] - 32) / 2))
-        x = torch.from_numpy(np.asarray(img.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255).permute(2, 0, 1)
-        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        x = torch.from_numpy(np.asarray(img.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255).permute(
+            2, 0, 1
+        )
+        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[
+            :, None, None
+        ]
         with torch.no_grad():
             return dino(pixel_values=x[None]).last_hidden_state[0, 0]
 
@@ -294,7 +370,13 @@ def test_evaluate_offline_without_the_models_is_one_clear_error(evaluated_run):
     assert result.exit_code != 0 and isinstance(result.exception, UserError)
     message = str(result.exception)
     assert "\n" not in message
-    for needle in ("facebook/dino-vits16", "openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14-336", "hf download", "convert_lpips.py"):
+    for needle in (
+        "facebook/dino-vits16",
+        "openai/clip-vit-base-patch32",
+        "openai/clip-vit-large-patch14-336",
+        "hf download",
+        "convert_lpips.py",
+    ):
         assert needle in message
 
 
@@ -303,7 +385,10 @@ def test_evaluate_refuses_what_it_cannot_score(tmp_path):
         (["evaluate"], "nothing to evaluate"),
         (["evaluate", "--samples", str(tmp_path / "missing"), "--subject", "demo"], "does not exist"),
         (["evaluate", "--samples", str(tmp_path), "--subject", "demo"], "no samples"),
-        (["evaluate", "--samples", str(tmp_path), "--instance-dir", str(tmp_path)], "--instance-dir needs --class-name"),
+        (
+            ["evaluate", "--samples", str(tmp_path), "--instance-dir", str(tmp_path)],
+            "--instance-dir needs --class-name",
+        ),
         (["evaluate", "--run", str(tmp_path)], "not a run folder"),
     ]:
         result = CliRunner().invoke(app, args)
@@ -313,7 +398,17 @@ def test_evaluate_refuses_what_it_cannot_score(tmp_path):
 # --- report from fabricated metrics files ------------------------------------------------------------
 
 
-def _fabricate(folder: Path, subject: str, method: str, budget_scale, scaling, params: int, dino: float, cmmd: float, real: list[Path]):
+def _fabricate(
+    folder: Path,
+    subject: str,
+    method: str,
+    budget_scale,
+    scaling,
+    params: int,
+    dino: float,
+    cmmd: float,
+    real: list[Path],
+):
     samples = folder / subject / f"{method}_{budget_scale}_{scaling}" / "samples"
     samples.mkdir(parents=True)
     colour = (int(dino * 255) % 256, 90, 160)
@@ -321,10 +416,24 @@ def _fabricate(folder: Path, subject: str, method: str, budget_scale, scaling, p
         for k in range(2):
             Image.new("RGB", (24, 24), colour).save(samples / f"prompt_{prompt:02d}_sample_{k}_seed_{42 + k}.png")
     record = {
-        "subject": subject, "method": method, "budget_scale": budget_scale, "budget": None, "rank": None,
-        "scaling": scaling, "wavelet": "db1" if method == "waveft" else None, "allocation": "uniform",
-        "trainable_parameters": params, "real_images": [str(path) for path in real],
-        "metrics": {"dino": dino, "clip_i": 0.7, "clip_t": 0.3, "clip_t_x100": 30.0, "lpips_diversity": 0.4, "cmmd": cmmd},
+        "subject": subject,
+        "method": method,
+        "budget_scale": budget_scale,
+        "budget": None,
+        "rank": None,
+        "scaling": scaling,
+        "wavelet": "db1" if method == "waveft" else None,
+        "allocation": "uniform",
+        "trainable_parameters": params,
+        "real_images": [str(path) for path in real],
+        "metrics": {
+            "dino": dino,
+            "clip_i": 0.7,
+            "clip_t": 0.3,
+            "clip_t_x100": 30.0,
+            "lpips_diversity": 0.4,
+            "cmmd": cmmd,
+        },
         "per_prompt": [{"prompt_index": i, "prompt": f"a zjw toy number {i}"} for i in range(3)],
     }
     (samples / "metrics.json").write_text(json.dumps(record))
@@ -350,7 +459,9 @@ def test_report_table_has_the_right_numbers(report_folder):
     import csv
 
     out = report_folder / "out"
-    run_cli("report", str(report_folder / "runs"), "--out", str(out), "--rank-shapes", "16x24,32x32", "--resamples", "4000")
+    run_cli(
+        "report", str(report_folder / "runs"), "--out", str(out), "--rank-shapes", "16x24,32x32", "--resamples", "4000"
+    )
     rows = {(row["method"], row["budget"], row["scaling"]): row for row in csv.DictReader((out / "report.csv").open())}
     assert set(rows) == {("waveft", "1x", "25"), ("waveft", "2x", "25"), ("waveft", "1x", "5"), ("lora", "1x", "-")}
     one = rows[("waveft", "1x", "25")]
@@ -369,7 +480,13 @@ def test_report_table_has_the_right_numbers(report_folder):
 def test_report_plots_and_grids_are_pngs_that_open(report_folder):
     out = report_folder / "plots"
     run_cli("report", str(report_folder / "runs"), "--out", str(out), "--rank-shapes", "16x24", "--resamples", "500")
-    for name in ("metrics_vs_parameters.png", "scaling_ablation.png", "rank_vs_p.png", "grids/cat.png", "grids/dog.png"):
+    for name in (
+        "metrics_vs_parameters.png",
+        "scaling_ablation.png",
+        "rank_vs_p.png",
+        "grids/cat.png",
+        "grids/dog.png",
+    ):
         with Image.open(out / name) as image:
             image.load()
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200, name
@@ -383,9 +500,14 @@ def test_report_counts_a_subject_evaluated_twice_once_with_its_mean(report_folde
     records = load_records(sorted((report_folder / "runs").rglob("metrics.json")))
     first = records[0]
     again = dict(first, metrics=dict(first["metrics"], dino=first["metrics"]["dino"] + 0.2))
-    row = next(row for row in summarize(records + [again], n_resamples=100)
-               if (row["method"], row["budget"], row["scaling"]) == group_key(first))
-    others = [r["metrics"]["dino"] for r in records if group_key(r) == group_key(first) and r["subject"] != first["subject"]]
+    row = next(
+        row
+        for row in summarize(records + [again], n_resamples=100)
+        if (row["method"], row["budget"], row["scaling"]) == group_key(first)
+    )
+    others = [
+        r["metrics"]["dino"] for r in records if group_key(r) == group_key(first) and r["subject"] != first["subject"]
+    ]
     assert row["subjects"] == 2
     assert row["dino"] == pytest.approx((first["metrics"]["dino"] + 0.1 + others[0]) / 2)
 
@@ -400,7 +522,11 @@ def test_report_without_metrics_says_how_to_get_them(tmp_path):
 
 def _write_sweep(folder: Path, body: str) -> Path:
     path = folder / "sweep.yaml"
-    path.write_text(body.replace("OUTPUT", str(folder / "runs")).replace("CONFIGS", str(CONFIGS)).replace("DATA", str(DREAMBOOTH_ROOT)))
+    path.write_text(
+        body.replace("OUTPUT", str(folder / "runs"))
+        .replace("CONFIGS", str(CONFIGS))
+        .replace("DATA", str(DREAMBOOTH_ROOT))
+    )
     return path
 
 
@@ -421,7 +547,15 @@ def test_sweep_plans_every_job_once_with_stable_names(tmp_path):
 
     jobs = plan(load_sweep(_write_sweep(tmp_path, GRID)))
     names = [job.key for job in jobs]
-    per_subject = ["lora_x1", "lora_x2", "random-sparse_x1_s25", "random-sparse_x2_s25", "waveft_x1_s25", "waveft_x1_s5", "waveft_x2_s25"]
+    per_subject = [
+        "lora_x1",
+        "lora_x2",
+        "random-sparse_x1_s25",
+        "random-sparse_x2_s25",
+        "waveft_x1_s25",
+        "waveft_x1_s5",
+        "waveft_x2_s25",
+    ]
     # waveft 1x s25 and lora 1x come from two grid entries each: one job; LoRA ignores scaling.
     assert names == [f"{subject}/{name}" for subject in ("demo", "dog6") for name in per_subject]
     job = jobs[per_subject.index("waveft_x1_s5")]
@@ -435,7 +569,10 @@ def test_sweep_shards_are_disjoint_and_complete(tmp_path):
 
     jobs = [job.key for job in plan(load_sweep(_write_sweep(tmp_path, GRID)))]
     for count in (1, 2, 3, 5, 14, 20):
-        shards = [[job.key for job in shard(plan(load_sweep(tmp_path / "sweep.yaml")), index, count)] for index in range(count)]
+        shards = [
+            [job.key for job in shard(plan(load_sweep(tmp_path / "sweep.yaml")), index, count)]
+            for index in range(count)
+        ]
         assert sorted(key for part in shards for key in part) == sorted(jobs)
         assert sum(len(part) for part in shards) == len(jobs)
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -458,7 +595,7 @@ def test_sweep_dry_run_skips_finished_stages_and_resumes_unfinished_training(tmp
     trains = [line for line in lines if line.startswith("sparse-db train")]
     outputs = [line.split("--output ")[1].split(" ")[0] for line in trains]
     assert len(trains) == 13 and str(runs / "lora_x1") not in outputs
-    resumed = [line for line, output in zip(trains, outputs) if output == str(runs / "lora_x2")]
+    resumed = [line for line, output in zip(trains, outputs, strict=False) if output == str(runs / "lora_x2")]
     assert len(resumed) == 1 and resumed[0].endswith("--resume latest")
     assert "# demo/lora_x1: train done, sample new, evaluate new" in lines
     assert lines[-1].startswith("sparse-db report " + str(tmp_path / "runs"))
@@ -481,7 +618,9 @@ def test_sweep_rejects_bad_grids(tmp_path):
 
 
 def test_sweep_runs_train_sample_evaluate_report_and_resumes(tmp_path):
-    path = _write_sweep(tmp_path, """
+    path = _write_sweep(
+        tmp_path,
+        """
 config: CONFIGS/tiny.yaml
 output: OUTPUT
 subjects: [demo, dog6]
@@ -491,7 +630,8 @@ grid:
 sample: {seeds: [42, 43], num_steps: 1, prompts: 2}
 evaluate: {dino: tiny, clip: tiny, cmmd: tiny, lpips: tiny}
 report: {rank_shapes: none, resamples: 200}
-""")
+""",
+    )
     out = run_cli("sweep", str(path))
     runs = tmp_path / "runs"
     for subject in ("demo", "dog6"):
@@ -507,8 +647,10 @@ report: {rank_shapes: none, resamples: 200}
     (runs / "dog6" / "lora_x1" / "adapter.safetensors").unlink()
     again = run_cli("sweep", str(path), "--no-report")
     assert [line for line in again.splitlines() if line.startswith("[")] == [
-        "[dog6/lora_x1] train (resuming)", "[dog6/lora_x1] removing samples of the previous adapter",
-        "[dog6/lora_x1] sample", "[dog6/lora_x1] evaluate",
+        "[dog6/lora_x1] train (resuming)",
+        "[dog6/lora_x1] removing samples of the previous adapter",
+        "[dog6/lora_x1] sample",
+        "[dog6/lora_x1] evaluate",
     ]
     assert json.loads((runs / "dog6" / "lora_x1" / "run.json").read_text())["steps"] == 2
 

@@ -97,7 +97,9 @@ def runs(tmp_path_factory):
     base_output = unet_output(fresh_unet())
     for method, settings in RUNS.items():
         run = tmp_path_factory.mktemp(method)
-        config = merge_settings(None, {"model": "tiny", "subject": "demo", "method": method, **settings, "output": str(run)})
+        config = merge_settings(
+            None, {"model": "tiny", "subject": "demo", "method": method, **settings, "output": str(run)}
+        )
         unet = fresh_unet()
         adapters.attach(unet, config.adapter)
         parameters = [p for layer in adapters.adapted_layers(unet).values() for p in layer.adapter.parameters()]
@@ -286,12 +288,22 @@ def peft_adapter(method: str):
     if method == "lora":
         # Per-layer ranks and alphas: imported by padding to one rank and folding the scales.
         return LoraConfig(
-            r=2, lora_alpha=4, target_modules=targets, rank_pattern={"attn2.to_k": 3}, alpha_pattern={"attn1.to_q": 1},
+            r=2,
+            lora_alpha=4,
+            target_modules=targets,
+            rank_pattern={"attn2.to_k": 3},
+            alpha_pattern={"attn1.to_q": 1},
             init_lora_weights=False,
         )
     return WaveFTConfig(
-        n_frequency=40, scaling=10.0, wavelet_family="db3", use_idwt=method == "waveft", random_loc_seed=5,
-        proportional_parameters=method == "waveft", target_modules=targets, init_weights=False,
+        n_frequency=40,
+        scaling=10.0,
+        wavelet_family="db3",
+        use_idwt=method == "waveft",
+        random_loc_seed=5,
+        proportional_parameters=method == "waveft",
+        target_modules=targets,
+        init_weights=False,
     )
 
 
@@ -319,9 +331,15 @@ def test_peft_trained_adapter_imports_and_samples_the_same(tmp_path, method):
     # The same samples: `sparse-db sample` on the imported run vs the pipeline with PEFT's layers.
     run_cli("sample", "--run", run, "--num-steps", "2", "--seeds", "42", "--prompt", "a zjw toy")
     ours = np.asarray(Image.open(run / "samples" / "prompt_00_sample_0_seed_42.png"), dtype=np.int16)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
     theirs = pipe(
-        "a zjw toy", num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+        "a zjw toy",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
         generator=torch.Generator().manual_seed(42),
     ).images[0]
     assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
@@ -332,8 +350,21 @@ def test_a_trained_run_goes_to_peft_through_the_cli(tmp_path):
 
     run = tmp_path / "run"
     run_cli(
-        "train", "--config", CONFIGS / "tiny.yaml", "--resolution", "32", "--checkpoint-every", "0",
-        "--subject", "demo", "--method", "random-sparse", "--steps", "2", "--output", run,
+        "train",
+        "--config",
+        CONFIGS / "tiny.yaml",
+        "--resolution",
+        "32",
+        "--checkpoint-every",
+        "0",
+        "--subject",
+        "demo",
+        "--method",
+        "random-sparse",
+        "--steps",
+        "2",
+        "--output",
+        run,
     )
     ours = fresh_unet()
     adapters.load_adapter(ours, run / "adapter.safetensors", base_model=TINY_BASE)
@@ -363,7 +394,9 @@ def test_import_refuses_pickles_other_methods_and_foreign_layers(tmp_path):
     (source / "adapter_model.bin").write_bytes(b"not unpickled")
     args = ["import", source, "--output", tmp_path / "run", "--model", "tiny", "--subject", "demo"]
     assert "pickled" in cli_error(*args)
-    write_safetensors(source / "adapter_model.safetensors", {"base_model.model.text_model.q_proj.waveft_spectrum": torch.zeros(4)})
+    write_safetensors(
+        source / "adapter_model.safetensors", {"base_model.model.text_model.q_proj.waveft_spectrum": torch.zeros(4)}
+    )
     assert "not a linear layer" in cli_error(*args)
     (source / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     assert "imports WAVEFT and LORA" in cli_error(*args)
@@ -377,8 +410,12 @@ def test_export_errors_name_the_fix(runs, tmp_path):
     run, _ = runs["lora"]
     assert "did you mean 'kohya'" in cli_error("export", "--run", run, "--format", "kohyaa", "--out", tmp_path / "x")
     assert ".safetensors" in cli_error("export", "--run", run, "--format", "kohya", "--out", tmp_path / "x")
-    assert "own rank" in cli_error("export", "--run", run, "--format", "kohya", "--out", tmp_path / "x.safetensors", "--rank", "4")
-    assert "does not exist" in cli_error("export", "--run", tmp_path / "nowhere", "--format", "peft", "--out", tmp_path / "p")
+    assert "own rank" in cli_error(
+        "export", "--run", run, "--format", "kohya", "--out", tmp_path / "x.safetensors", "--rank", "4"
+    )
+    assert "does not exist" in cli_error(
+        "export", "--run", tmp_path / "nowhere", "--format", "peft", "--out", tmp_path / "p"
+    )
     run_cli("export", "--run", run, "--format", "peft", "--out", tmp_path / "p")
     assert "--overwrite" in cli_error("export", "--run", run, "--format", "peft", "--out", tmp_path / "p")
     run_cli("export", "--run", run, "--format", "peft", "--out", tmp_path / "p", "--overwrite")

@@ -51,7 +51,7 @@ def assert_relative_close(actual, expected, tolerance):
 
 PATHS = {
     "fused": lambda layer: layer,  # AdaptedLinear: base and adapter in one matmul
-    "delta": lambda layer: (lambda x: layer.base(x) + layer.adapter(x)),  # the adapter's share alone
+    "delta": lambda layer: lambda x: layer.base(x) + layer.adapter(x),  # the adapter's share alone
 }
 
 
@@ -64,7 +64,7 @@ def test_outputs_and_gradients_equal_the_dense_reference(wavelet, shape, path):
     grad_output = torch.randn(2, 5, shape[0])
     ours = output_and_gradients(PATHS[path](layer), layer, x, grad_output)
     expected = output_and_gradients(lambda x: reference_output(layer, x), layer, x, grad_output)
-    for actual, wanted in zip(ours, expected):
+    for actual, wanted in zip(ours, expected, strict=False):
         assert_relative_close(actual, wanted, 1e-5)
 
 
@@ -83,14 +83,17 @@ def test_training_usage_patterns_match_the_reference(use):
     expected = output_and_gradients(
         lambda x: USES[use](lambda inputs: reference_output(layer, inputs), x), layer, x, grad_output
     )
-    for actual, wanted in zip(ours, expected):
+    for actual, wanted in zip(ours, expected, strict=False):
         assert_relative_close(actual, wanted, 1e-5)
 
 
 FUNCTIONAL_PATHS = {
-    "fused": lambda layer, x, coefficients: torch.func.functional_call(layer, {"adapter.coefficients": coefficients}, (x,)),
-    "delta": lambda layer, x, coefficients: layer.base(x)
-    + torch.func.functional_call(layer.adapter, {"coefficients": coefficients}, (x,)),
+    "fused": lambda layer, x, coefficients: torch.func.functional_call(
+        layer, {"adapter.coefficients": coefficients}, (x,)
+    ),
+    "delta": lambda layer, x, coefficients: (
+        layer.base(x) + torch.func.functional_call(layer.adapter, {"coefficients": coefficients}, (x,))
+    ),
 }
 
 
@@ -127,8 +130,9 @@ def test_no_dense_delta_and_no_dense_weight_gradient(wavelet, path):
     layer = make_layer(shape, wavelet, budget=20)
     x = torch.randn(3, shape[1], requires_grad=True)  # every activation is far smaller than out x in
     saved = []
-    with TensorRecorder() as recorder, torch.autograd.graph.saved_tensors_hooks(
-        lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor
+    with (
+        TensorRecorder() as recorder,
+        torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor),
     ):
         PATHS[path](layer)(x).square().sum().backward()
     dense = shape[0] * shape[1]
@@ -169,7 +173,7 @@ def test_mixed_precision_matches_the_reference_and_gives_float32_gradients(wavel
     assert grad_coefficients.dtype == torch.float32
     # Half precision rounds the output once and each product; compare at that precision.
     tolerance = 2e-2 if weight_dtype == torch.bfloat16 else 4e-3
-    for actual, wanted in zip((output, grad_x, grad_coefficients), expected):
+    for actual, wanted in zip((output, grad_x, grad_coefficients), expected, strict=False):
         assert_relative_close(actual.float(), wanted.float(), tolerance)
     # The float32 gradient is at least as close to exact arithmetic as the reference's.
     exact = make_layer(shape, wavelet).double()
@@ -189,8 +193,12 @@ def test_coefficient_gradients_equal_peft(wavelet):
     holder.proj = nn.Linear(shape[1], shape[0])
     holder.proj.load_state_dict(layer.base.state_dict())
     config = WaveFTConfig(
-        n_frequency=50, scaling=25.0, wavelet_family=wavelet or "db1", use_idwt=wavelet is not None,
-        random_loc_seed=777, target_modules=["proj"],
+        n_frequency=50,
+        scaling=25.0,
+        wavelet_family=wavelet or "db1",
+        use_idwt=wavelet is not None,
+        random_loc_seed=777,
+        target_modules=["proj"],
     )
     peft_layer = get_peft_model(holder, config).base_model.model.proj
     spectrum = peft_layer.waveft_spectrum["default"]
@@ -246,4 +254,3 @@ def test_sdxl_architecture_has_the_560_projections_of_lora_r1_count():
     assert len(shapes) == 560
     assert lora_r1_count(shapes) == 1_451_520
     assert sum(parameter.numel() for parameter in unet.parameters()) == 2_567_463_684
-

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DREAMBOOTH_ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DREAMBOOTH_ROOT
 from sparse_dreambooth import adapters
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
@@ -102,7 +102,9 @@ def test_08_09_bad_method_wavelet_or_budget(tmp_path, flags, message):
 
 
 def test_09_budget_larger_than_a_layer_is_refused_before_the_weights_load(tmp_path):
-    result = cli("train", *FAST, "--subject", "demo", "--budget", "100000", "--output", tmp_path / "run", cache=tmp_path)
+    result = cli(
+        "train", *FAST, "--subject", "demo", "--budget", "100000", "--output", tmp_path / "run", cache=tmp_path
+    )
     assert_user_error(result, "does not fit layer", "cap_budget")
     assert not (tmp_path / "run" / "config.yaml").exists(), "the run started before the budget was checked"
 
@@ -110,9 +112,13 @@ def test_09_budget_larger_than_a_layer_is_refused_before_the_weights_load(tmp_pa
 def test_10_unknown_or_mistyped_config_keys_suggest_the_closest(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  stepz: 10\n")
-    assert_user_error(cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "train.stepz", "'steps'", cache=tmp_path)
+    assert_user_error(
+        cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "train.stepz", "'steps'", cache=tmp_path
+    )
     recipe.write_text("adapter:\n  steps: 10\n")
-    assert_user_error(cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "belongs in section 'train'")
+    assert_user_error(
+        cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "belongs in section 'train'"
+    )
     recipe.write_text("train:\n  steps: ten\n")
     assert_user_error(cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "steps must be int")
     flag = cli("train", "--subject", "demo", "--lrr", "1", cache=tmp_path)
@@ -132,9 +138,13 @@ def test_12_a_second_run_on_a_busy_folder_is_refused(tmp_path):
     try:
         deadline = time.time() + 120
         while not (run / "config.yaml").exists():
-            assert time.time() < deadline and first.poll() is None, first.stderr.read() if first.poll() is not None else "timeout"
+            assert time.time() < deadline and first.poll() is None, (
+                first.stderr.read() if first.poll() is not None else "timeout"
+            )
             time.sleep(0.2)
-        second = cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run, "--overwrite", cache=tmp_path)
+        second = cli(
+            "train", *FAST, "--subject", "demo", "--steps", "1", "--output", run, "--overwrite", cache=tmp_path
+        )
         assert_user_error(second, "another run", f"pid {first.pid}")
     finally:
         first.kill()
@@ -159,7 +169,9 @@ def test_03_05_06_07_messy_folder_is_cleaned_up_with_notes(tmp_path):
     photo(folder / "tiny.jpg", size=(16, 16))
     (folder / "notes.txt").write_text("not a photo")
     run = tmp_path / "run"
-    result = cli("train", *FAST, "--instance-dir", folder, "--class-name", "dog", "--steps", "1", "--output", run, cache=tmp_path)
+    result = cli(
+        "train", *FAST, "--instance-dir", folder, "--class-name", "dog", "--steps", "1", "--output", run, cache=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sparse-db: warning: skipping 1 non-image file" in result.stderr and "notes.txt" in result.stderr
     assert "warnings.warn(" not in result.stderr, "a note for the user, not a place in our code"
@@ -186,8 +198,19 @@ def assert_same_adapter(run: Path, expected: dict):
 def test_13_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     result = cli(
-        "train", *FAST, "--subject", "demo", "--steps", "20", "--lr", "1e30", "--checkpoint-every", "1",
-        "--output", run, cache=tmp_path,
+        "train",
+        *FAST,
+        "--subject",
+        "demo",
+        "--steps",
+        "20",
+        "--lr",
+        "1e30",
+        "--checkpoint-every",
+        "1",
+        "--output",
+        run,
+        cache=tmp_path,
     )
     assert_user_error(result, "the loss became", "at step", "last good checkpoint")
     failed_at = int(result.stderr.split("at step ")[1].split(";")[0])
@@ -238,7 +261,9 @@ def test_15_16_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path
         # folder appears); if polling never catches one, kill mid-run after step 10 anyway.
         names = os.listdir(checkpoints) if checkpoints.exists() else []
         steps_done = [int(name.split("-")[1]) for name in names if name.startswith("step-")]
-        return (any(".partial" in name for name in names) and max(steps_done, default=0) >= 2) or max(steps_done, default=0) >= 10
+        return (any(".partial" in name for name in names) and max(steps_done, default=0) >= 2) or max(
+            steps_done, default=0
+        ) >= 10
 
     wait_for(writing_a_later_checkpoint, process)
     process.send_signal(signal.SIGKILL)
@@ -246,7 +271,9 @@ def test_15_16_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path
     complete = sorted(path for path in checkpoints.iterdir() if not path.name.startswith("."))
     assert complete, "the completed checkpoints must survive"
     for path in complete:  # every complete checkpoint is whole and loads
-        assert {"adapter.safetensors", "training_state.safetensors", "training_state.json"} <= {p.name for p in path.iterdir()}
+        assert {"adapter.safetensors", "training_state.safetensors", "training_state.json"} <= {
+            p.name for p in path.iterdir()
+        }
         adapters.read_adapter(path / "adapter.safetensors")
 
     resumed = cli(*args, "--resume", "latest", cache=tmp_path)
@@ -289,17 +316,29 @@ def test_17_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, 
     import shutil
 
     run = shutil.copytree(trained_run, tmp_path / "run")
-    rewrite(run / "adapter.safetensors", run / "adapter.safetensors",
-            edit_metadata=lambda metadata: metadata.update(base_model="stabilityai/other@main"))
+    rewrite(
+        run / "adapter.safetensors",
+        run / "adapter.safetensors",
+        edit_metadata=lambda metadata: metadata.update(base_model="stabilityai/other@main"),
+    )
     result = cli("sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "x", cache=tmp_path)
     assert_user_error(result, "stabilityai/other@main", "tiny-sdxl")
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda t: t.pop(next(k for k in t if k.endswith("coefficients"))), "is missing"),
-    (lambda t: t.update({"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.extra": torch.zeros(3)}), "unexpected tensor"),
-    (lambda t: t.update({k: torch.zeros(5) for k in [next(k for k in t if k.endswith("coefficients"))]}), "has shape (5,)"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda t: t.pop(next(k for k in t if k.endswith("coefficients"))), "is missing"),
+        (
+            lambda t: t.update({"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.extra": torch.zeros(3)}),
+            "unexpected tensor",
+        ),
+        (
+            lambda t: t.update({k: torch.zeros(5) for k in [next(k for k in t if k.endswith("coefficients"))]}),
+            "has shape (5,)",
+        ),
+    ],
+)
 def test_17_missing_extra_or_misshaped_tensors_are_named(trained_run, tmp_path, damage, message):
     path = rewrite(trained_run / "adapter.safetensors", tmp_path / "damaged.safetensors", edit_tensors=damage)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
@@ -317,7 +356,9 @@ def test_17_a_truncated_adapter_file_is_refused(trained_run, tmp_path):
 def test_no_unpickling_anywhere_in_the_package():
     import re
 
-    unpickling = re.compile(r"^\s*import pickle|pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)|trust_remote_code=True", re.M)
+    unpickling = re.compile(
+        r"^\s*import pickle|pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)|trust_remote_code=True", re.M
+    )
     package = Path(adapters.__file__).resolve().parents[1]
     offenders = [str(source) for source in package.rglob("*.py") if unpickling.search(source.read_text())]
     assert not offenders

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DREAMBOOTH_ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DREAMBOOTH_ROOT
 from sparse_dreambooth import adapters
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.model import load_pipeline
@@ -52,10 +52,18 @@ def descendants(pid: int) -> list[int]:
 def launch(*args: str, processes: int = 2) -> None:
     """The CLI under `accelerate launch` with two gloo processes on the CPU."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
-        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={processes}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
         "--main_process_port=0",  # a free port: never meet another job's rendezvous on the default 29500
-        "-m", "sparse_dreambooth", *args,
+        "-m",
+        "sparse_dreambooth",
+        *args,
     ]
     # PYTHONFAULTHANDLER: if the launch hangs, SIGABRT makes every process print each thread's stack,
     # so a failure says where it stuck instead of only that it timed out.
@@ -78,7 +86,7 @@ def launch(*args: str, processes: int = 2) -> None:
 def denoising_loss(unet, pipe, image_paths, resolution, draws=48) -> float:
     """Mean epsilon-prediction MSE over fixed (image, noise, timestep) draws, computed here from
     the pipeline's own components, independently of the training loop."""
-    from sparse_dreambooth.data import instance_prompt, prepare_image, get_subject
+    from sparse_dreambooth.data import get_subject, instance_prompt, prepare_image
     from sparse_dreambooth.model import add_time_ids, encode_prompts
 
     generator = torch.Generator().manual_seed(1234)
@@ -95,7 +103,9 @@ def denoising_loss(unet, pipe, image_paths, resolution, draws=48) -> float:
             timestep = torch.randint(0, 1000, (1,), generator=generator)
             noisy = pipe.scheduler.add_noise(latents, noise, timestep)
             time_ids = add_time_ids(image.original_size, image.crop_top_left, image.target_size)[None]
-            prediction = unet(noisy, timestep, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            prediction = unet(
+                noisy, timestep, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+            ).sample
             losses.append(torch.mean((prediction - noise) ** 2).item())
     return float(np.mean(losses))
 
@@ -104,6 +114,7 @@ def test_training_lowers_the_denoising_loss_on_the_subject(tmp_path):
     run = tmp_path / "run"
     run_cli("train", *FAST, "--resolution", "64", "--subject", "demo", "--output", str(run))
     from diffusers import DDPMScheduler
+
     from sparse_dreambooth.data import get_subject
 
     pipe = load_pipeline("tiny")
@@ -120,8 +131,18 @@ def test_training_lowers_the_denoising_loss_on_the_subject(tmp_path):
 def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
     run = tmp_path / method
     run_cli(
-        "train", *FAST, "--subject", "dog6", "--data-root", str(DREAMBOOTH_ROOT), "--method", method,
-        "--steps", "2", "--output", str(run),
+        "train",
+        *FAST,
+        "--subject",
+        "dog6",
+        "--data-root",
+        str(DREAMBOOTH_ROOT),
+        "--method",
+        method,
+        "--steps",
+        "2",
+        "--output",
+        str(run),
     )
     config, tensors, metadata = adapters.read_adapter(run / "adapter.safetensors")
     assert config.method == method and metadata["base_model"] == "tiny-sdxl-v1-seed0"
@@ -168,8 +189,13 @@ def test_sample_renders_what_the_unmerged_adapter_renders(tmp_path):
     adapters.load_adapter(pipe.unet, run / "adapter.safetensors")
     with torch.no_grad():
         expected = pipe(
-            prompt, num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
-            generator=[torch.Generator().manual_seed(42)], output_type="np",
+            prompt,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            height=32,
+            width=32,
+            generator=[torch.Generator().manual_seed(42)],
+            output_type="np",
         ).images[0]
     expected = np.round(expected * 255).astype(np.int16)
     name = "prompt_00_sample_0_seed_42.png"
@@ -186,7 +212,10 @@ def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
     manifest = json.loads((run / "samples" / "samples.json").read_text())
     assert len(manifest["images"]) == 50 and manifest["kind"] == "object"
     assert manifest["images"][3] == {
-        "file": "prompt_01_sample_1_seed_43.png", "prompt_index": 1, "sample_index": 1, "seed": 43,
+        "file": "prompt_01_sample_1_seed_43.png",
+        "prompt_index": 1,
+        "sample_index": 1,
+        "seed": 43,
         "prompt": "a zjw toy in the snow",
     }
     assert len(list((run / "samples").glob("*.png"))) == 50
@@ -197,7 +226,19 @@ def test_the_same_command_twice_gives_identical_bytes(tmp_path):
     files = []
     for _ in range(2):
         run_cli("train", *FAST, "--subject", "demo", "--steps", "3", "--output", str(run), "--overwrite")
-        run_cli("sample", "--run", str(run), "--num-steps", "2", "--seeds", "42,43", "--prompt", "a zjw toy", "--output", str(tmp_path / "samples"))
+        run_cli(
+            "sample",
+            "--run",
+            str(run),
+            "--num-steps",
+            "2",
+            "--seeds",
+            "42,43",
+            "--prompt",
+            "a zjw toy",
+            "--output",
+            str(tmp_path / "samples"),
+        )
         outputs = [run / "adapter.safetensors", *sorted((tmp_path / "samples").glob("*.png"))]
         files.append({path.name: path.read_bytes() for path in outputs})
         for path in outputs[1:]:
@@ -213,7 +254,9 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_pa
     run_cli("train", *common, "--steps", "4", "--output", str(whole))
     run_cli("train", *common, "--steps", "2", "--checkpoint-every", "1", "--output", str(resumed))
     # A finished 2-step run, extended to 4 steps from its step-1 checkpoint: steps 2-4 are redone.
-    run_cli("train", *common, "--steps", "4", "--output", str(resumed), "--resume", str(resumed / "checkpoints" / "step-1"))
+    run_cli(
+        "train", *common, "--steps", "4", "--output", str(resumed), "--resume", str(resumed / "checkpoints" / "step-1")
+    )
     assert json.loads((resumed / "run.json").read_text())["steps"] == 4
     # Bit-exact: RNG, optimizer and scheduler state all came back (the files differ only in --output).
     _, expected, _ = adapters.read_adapter(whole / "adapter.safetensors")
@@ -238,7 +281,18 @@ def test_two_processes_train_and_sample(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4 * largest.item())
 
-    sample_args = ["--run", str(single), "--num-steps", "2", "--seeds", "42,43,44", "--prompt", "a zjw toy", "--prompt", "a red zjw toy"]
+    sample_args = [
+        "--run",
+        str(single),
+        "--num-steps",
+        "2",
+        "--seeds",
+        "42,43,44",
+        "--prompt",
+        "a zjw toy",
+        "--prompt",
+        "a red zjw toy",
+    ]
     run_cli("sample", *sample_args, "--output", str(tmp_path / "one-process"))
     launch("sample", *sample_args, "--batch-size", "2", "--output", str(tmp_path / "two-processes"))
     one_images = sorted((tmp_path / "one-process").glob("*.png"))
@@ -256,10 +310,21 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path):
     assert result.exit_code != 0 and "--overwrite" in str(result.exception)
 
 
-
 def test_validation_images_and_flipped_examples(tmp_path):
     run = tmp_path / "run"
-    run_cli("train", *FAST, "--subject", "demo", "--steps", "2", "--validate-every", "1", "--random-flip", "--output", str(run))
+    run_cli(
+        "train",
+        *FAST,
+        "--subject",
+        "demo",
+        "--steps",
+        "2",
+        "--validate-every",
+        "1",
+        "--random-flip",
+        "--output",
+        str(run),
+    )
     for step in (1, 2):
         assert Image.open(run / "validation" / f"step-{step}.png").size == (32, 32)
     assert json.loads((run / "run.json").read_text())["steps"] == 2

@@ -1,9 +1,8 @@
 """Sparse and low-rank adapters for any torch model's linear layers.
 
-    from sparse_dreambooth.adapters import AdapterConfig, attach, merge, save_adapter, load_adapter
+from sparse_dreambooth.adapters import AdapterConfig, attach, merge, save_adapter, load_adapter
 """
 
-from sparse_dreambooth.config import DEFAULT_BUDGET, METHODS, SDXL_ATTENTION_TARGETS, AdapterConfig
 from sparse_dreambooth.adapters.io import load_adapter, read_adapter, save_adapter
 from sparse_dreambooth.adapters.layer import (
     AdaptedLinear,
@@ -15,6 +14,7 @@ from sparse_dreambooth.adapters.layer import (
     unmerge,
 )
 from sparse_dreambooth.adapters.wavelets import idwt2
+from sparse_dreambooth.config import DEFAULT_BUDGET, METHODS, SDXL_ATTENTION_TARGETS, AdapterConfig
 
 __all__ = [
     "DEFAULT_BUDGET",

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sparse_dreambooth import __version__
-from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.adapters.layer import adapted_layers, attach, target_linears
+from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import write_safetensors
 

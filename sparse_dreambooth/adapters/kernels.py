@@ -89,7 +89,7 @@ class AxisFilter:
         bands = filtered.unbind(0)
         for tap in range(length):
             samples = padded[tap : tap + 2 * half : 2]  # sample 2j - lead + tap for every j
-            for band, taps in zip(bands, self.taps):
+            for band, taps in zip(bands, self.taps, strict=False):
                 if tap == 0:
                     torch.mul(samples, taps[0], out=band)
                 else:

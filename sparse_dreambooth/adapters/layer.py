@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from sparse_dreambooth.adapters.budget import lora_ranks, sparse_budgets
-from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
+from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
 
 
@@ -116,9 +116,7 @@ def build_adapters(
     if config.method == "lora":
         generator = torch.Generator().manual_seed(config.adapter_seed)
         return {
-            name: LoraAdapter(
-                shapes[name], rank, config.alpha or rank, generator, device=linears[name].weight.device
-            )
+            name: LoraAdapter(shapes[name], rank, config.alpha or rank, generator, device=linears[name].weight.device)
             for name, rank in lora_ranks(config, shapes).items()
         }
     wavelet = config.wavelet if config.method == "waveft" else None
