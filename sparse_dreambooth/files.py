@@ -1,10 +1,25 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Atomic file and folder writes (a reader, or a crash, never sees half of one) and the cache folder."""
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Directory for files this package builds once and reuses (tiny model, demo subject, LPIPS).
+
+    Returns:
+        `$SPARSE_DB_CACHE` if set, else `$XDG_CACHE_HOME/sparse-dreambooth` (default
+        `~/.cache/sparse-dreambooth`). It may not exist yet.
+    """
+    configured = os.environ.get("SPARSE_DB_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-dreambooth"
 
 
 @contextlib.contextmanager
@@ -24,6 +39,39 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, *, replace: bool = True):
+    """Yield an empty folder beside `path` that becomes `path` once the block succeeds.
+
+    A crash or an exception leaves the previous `path` (or nothing), never a half-written folder.
+
+    Args:
+        path: The folder to create.
+        replace: True swaps out whatever is at `path`. False keeps a `path` that appeared in the
+            meantime (another process finishing the same work first) and discards this copy.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its owner-only permissions would carry over to a shared folder.
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        yield staging
+        if replace and (path.exists() or path.is_symlink()):
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        else:
+            try:
+                os.rename(staging, path)  # atomic, and refuses to replace a non-empty folder
+            except OSError:
+                if not path.is_dir():  # anything but "another process finished first" is a real error
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text(path, text: str) -> None:

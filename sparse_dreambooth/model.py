@@ -6,9 +6,6 @@ one-line `UserError`. `encode_prompts` and `add_time_ids` reproduce what
 `StableDiffusionXLPipeline` feeds the UNet, so training sees exactly what sampling will.
 """
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sparse_dreambooth.config import DEFAULT_MODEL
 from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.files import atomic_folder, cache_dir
 from sparse_dreambooth.tiny_model import TINY_MODEL_VERSION, build_tiny_pipeline
 
 TINY_MODEL = "tiny"
@@ -34,16 +32,6 @@ __all__ = [
     "model_identity",
     "tiny_pipeline_path",
 ]
-
-
-def cache_dir() -> Path:
-    """Directory for files this package builds once and reuses (such as the tiny model).
-
-    Returns:
-        `$SPARSE_DB_CACHE` if set, else `~/.cache/sparse-dreambooth`. It may not exist yet.
-    """
-    configured = os.environ.get("SPARSE_DB_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "sparse-dreambooth"
 
 
 def _tiny_model_name(seed: int) -> str:
@@ -66,19 +54,8 @@ def tiny_pipeline_path(seed: int = 0) -> Path:
     final = cache_dir() / _tiny_model_name(seed)
     if (final / "model_index.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its owner-only permissions would carry over to the shared cache folder.
-    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+    with atomic_folder(final, replace=False) as staging:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
-        # Atomic, and refuses to replace a non-empty folder, i.e. another process's finished copy.
-        os.rename(staging, final)
-    except OSError:
-        if not (final / "model_index.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
