@@ -8,16 +8,20 @@ the same under any torch version. Metadata (all strings, as safetensors requires
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sparse_dreambooth import __version__
-from sparse_dreambooth.adapters.layer import adapted_layers, attach, target_linears
+from sparse_dreambooth.adapters.layer import AdaptedLinear, adapted_layers, attach, target_linears
+from sparse_dreambooth.adapters.lora import LoraAdapter
+from sparse_dreambooth.adapters.sparse import SparseAdapter
 from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import write_safetensors
+from sparse_dreambooth.methods import method_of
 
 FORMAT = "sparse-dreambooth-adapter"
 FORMAT_VERSION = "1"
@@ -118,7 +122,7 @@ def load_adapter(model: nn.Module, path, base_model: str | None = None) -> Adapt
     if missing_layers:
         raise UserError(f"{path}: no tensors for layer {missing_layers[0]!r} of this model; the file is incomplete")
     positions = None
-    if config.method != "lora":
+    if not method_of(config).low_rank:
         positions = {name: _tensor(tensors, path, f"{name}.positions").long() for name in stored_layers}
     layers = attach(model, config, positions=positions)
     expected = set()
@@ -144,3 +148,72 @@ def _tensor(tensors: dict[str, torch.Tensor], path, name: str) -> torch.Tensor:
     if name not in tensors:
         raise UserError(f"{path}: tensor {name!r} is missing")
     return tensors[name]
+
+
+# --- adapters without their model ----------------------------------------------------------------
+
+
+@dataclass
+class StoredAdapter:
+    """The contents of an adapter file, as `open_adapter` rebuilds them."""
+
+    config: AdapterConfig
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, int]]  # module name -> (out, in), in module order
+    modules: dict[str, nn.Module]  # module name -> LoraAdapter or SparseAdapter holding the file's values
+    path: Path
+
+
+def open_adapter(path) -> StoredAdapter:
+    """An adapter file's adapters, rebuilt layer by layer as the modules that compute their deltas,
+    without the model they belong to (for export and import, which never load SDXL's weights)."""
+    path = Path(path)
+    config, tensors, metadata = read_adapter(path)
+    shapes = {name: tuple(shape) for name, shape in json.loads(metadata["layers"]).items()}
+    modules = {}
+    for name, shape in shapes.items():
+        try:
+            if method_of(config).low_rank:
+                lora_a = tensors[f"{name}.lora_A"]
+                module = LoraAdapter(shape, lora_a.shape[0], config.alpha or lora_a.shape[0], torch.Generator())
+                set_parameters(module, lora_A=lora_a, lora_B=tensors[f"{name}.lora_B"])
+            else:
+                wavelet = method_of(config).wavelet(config)
+                module = SparseAdapter(shape, tensors[f"{name}.positions"].long(), config.scaling, wavelet)
+                set_parameters(module, coefficients=tensors[f"{name}.coefficients"])
+        except (KeyError, ValueError) as error:
+            raise UserError(
+                f"{path}: the tensors of layer {name!r} are missing or mis-shaped ({error}); the file is damaged"
+            ) from None
+        modules[name] = module
+    return StoredAdapter(config, metadata, shapes, modules, path)
+
+
+def set_parameters(module: nn.Module, **values: torch.Tensor) -> None:
+    """Copy values into a fresh adapter's parameters (not load_state_dict: that would make a
+    sparse adapter re-derive everything from its positions a second time)."""
+    with torch.no_grad():
+        for name, value in values.items():
+            parameter = getattr(module, name)
+            if value.shape != parameter.shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(value)
+
+
+def weightless_model(modules: dict[str, nn.Module], shapes: dict[str, tuple[int, int]]) -> nn.Module:
+    """A stand-in model with the adapters at their module names, for `save_adapter`.
+
+    Base linears live on the meta device: SDXL's attention weights are never allocated.
+    """
+    root = nn.Module()
+    for name, module in modules.items():
+        *parents, leaf = name.split(".")
+        parent = root
+        for part in parents:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        out_features, in_features = shapes[name]
+        base = nn.Linear(in_features, out_features, bias=False, device="meta")
+        parent.add_module(leaf, AdaptedLinear(base, module))
+    return root

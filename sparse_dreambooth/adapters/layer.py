@@ -1,12 +1,8 @@
 """Attaching adapters to a model's linear layers, and merging them into the base weights.
 
-Every method is an `nn.Module` with the same small protocol:
-    delta_weight() -> (out, in) tensor            the scaled weight update
-    forward(x) -> x @ delta_weight()^T            its share of the layer output
-    touched_indices() -> flat indices or None     entries of W the delta can change (None: all)
-and optionally
-    forward_with_base(x, base) -> base(x) + forward(x), computed together (sparse methods fuse
-                                  the two into one matmul)
+Every method is an `nn.Module` with the small protocol `methods.Adapter`: delta_weight(),
+forward(x), forward_with_base(x, base) (sparse methods fuse the two into one matmul) and
+touched_indices().
 """
 
 import fnmatch
@@ -20,12 +16,13 @@ from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
 from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.methods import Adapter
 
 
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus an adapter; looks like the linear it wraps to the code around it."""
 
-    def __init__(self, base: nn.Linear, adapter: nn.Module):
+    def __init__(self, base: nn.Linear, adapter: Adapter):
         super().__init__()
         self.base = base
         self.adapter = adapter
@@ -52,10 +49,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        with_base = getattr(self.adapter, "forward_with_base", None)
-        if with_base is not None:
-            return with_base(x, self.base)
-        return self.base(x) + self.adapter(x)
+        return self.adapter.forward_with_base(x, self.base)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -85,7 +79,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches_target(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
@@ -94,7 +88,7 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
     found = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(_matches(name, pattern) for pattern in targets)
+        if isinstance(module, nn.Linear) and any(matches_target(name, pattern) for pattern in targets)
     }
     if not found:
         raise UserError(f"no linear layer matches targets {targets}; check the module names of your model")

@@ -38,5 +38,9 @@ class LoraAdapter(nn.Module):
         hidden = F.linear(x.to(self.lora_A.dtype), self.lora_A)
         return (F.linear(hidden, self.lora_B) * self.scale).to(x.dtype)
 
+    def forward_with_base(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        """base(x) + self(x): the low-rank path stays separate, so it never forms the (out x in) delta."""
+        return base(x) + self(x)
+
     def extra_repr(self) -> str:
         return f"shape={self.shape}, rank={self.rank}, alpha={self.alpha}"
