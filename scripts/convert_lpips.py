@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sparse_dreambooth.errors import UserError
-from sparse_dreambooth.evaluate import convert_lpips_weights, lpips_cache_file
+from sparse_dreambooth.metric_models import convert_lpips_weights, lpips_cache_file
 
 TORCHVISION_BACKBONES = {
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",

@@ -1,6 +1,6 @@
 """The DreamBooth evaluation metrics as plain functions of embeddings and images.
 
-Nothing here loads a model: `evaluate.py` turns images into embeddings and calls these. Every
+Nothing here loads a model: `metric_models.py` turns images into embeddings and `evaluate.py` calls these. Every
 function is small enough to check by hand (tests/test_eval.py does).
 
 - DINO / CLIP-I: mean pairwise cosine similarity between generated and real-image embeddings.
@@ -291,3 +291,87 @@ class LPIPS(nn.Module):
         for index, lin in enumerate(self.lins):
             tensors[f"lin{index}.weight"] = lin.detach().contiguous()
         return tensors
+
+
+# --- rank of a random sparse matrix ------------------------------------------------------------
+
+
+def structural_rank(rows, cols, shape: tuple[int, int]) -> int:
+    """Size of a maximum matching between the rows and columns holding non-zeros (Hopcroft-Karp).
+
+    This is the rank a sparse matrix with these non-zero positions has for almost every choice of
+    values (with continuous random values, with probability 1), and costs O(p sqrt(m)) instead of
+    an SVD.
+    """
+    m, n = shape
+    adjacency: list[list[int]] = [[] for _ in range(m)]
+    for r, c in zip(rows, cols, strict=False):
+        adjacency[int(r)].append(int(c))
+    match_row, match_col = [-1] * m, [-1] * n
+    for r in range(m):  # greedy start
+        for c in adjacency[r]:
+            if match_col[c] == -1:
+                match_row[r], match_col[c] = c, r
+                break
+    while True:
+        layer = [-1] * m
+        queue = [r for r in range(m) if match_row[r] == -1 and adjacency[r]]
+        for r in queue:
+            layer[r] = 0
+        free_column_reached, head = False, 0
+        while head < len(queue):
+            r = queue[head]
+            head += 1
+            for c in adjacency[r]:
+                owner = match_col[c]
+                if owner == -1:
+                    free_column_reached = True
+                elif layer[owner] == -1:
+                    layer[owner] = layer[r] + 1
+                    queue.append(owner)
+        if not free_column_reached:
+            break
+        cursor = [0] * m
+        for start in range(m):
+            if match_row[start] != -1 or layer[start] != 0:
+                continue
+            stack, path = [start], []
+            while stack:
+                r = stack[-1]
+                if cursor[r] < len(adjacency[r]):
+                    c = adjacency[r][cursor[r]]
+                    cursor[r] += 1
+                    owner = match_col[c]
+                    if owner == -1:
+                        path.append(c)
+                        for row, column in zip(stack, path, strict=False):
+                            match_row[row], match_col[column] = column, row
+                        break
+                    if layer[owner] == layer[r] + 1:
+                        stack.append(owner)
+                        path.append(c)
+                else:
+                    layer[r] = -2  # dead end for this phase
+                    stack.pop()
+                    if path:
+                        path.pop()
+    return sum(1 for c in match_row if c != -1)
+
+
+def rank_curve(shape: tuple[int, int], counts: list[int], seed: int = 777) -> list[int]:
+    """Rank of the random sparse matrix with p non-zeros at the adapters' seeded positions, per p.
+
+    Positions for a larger p extend those of a smaller one (a prefix of one permutation), so the
+    rank never falls with p; once full, it stays full.
+    """
+    from sparse_dreambooth.adapters.sparse import random_positions
+
+    full = min(shape)
+    ranks = []
+    for count in counts:
+        if ranks and ranks[-1] == full:
+            ranks.append(full)
+            continue
+        positions = random_positions(shape, min(count, shape[0] * shape[1]), seed)
+        ranks.append(structural_rank(positions[0].tolist(), positions[1].tolist(), shape))
+    return ranks

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import torch
 
-from sparse_dreambooth import data
+from sparse_dreambooth import data, runs
 from sparse_dreambooth.adapters import load_adapter, unload
 from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
-from sparse_dreambooth.train import ADAPTER_FILE, CONFIG_FILE, resolve_subject
-
-EVALUATION_SEEDS = (42, 43, 44, 45)
-MANIFEST = "samples.json"
+from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE, EVALUATION_SEEDS, MANIFEST, resolve_subject
 
 
 @dataclass(frozen=True)
@@ -33,7 +30,7 @@ class Job:
 
     @property
     def file_name(self) -> str:
-        return f"prompt_{self.prompt_index:02d}_sample_{self.sample_index}_seed_{self.seed}.png"
+        return runs.sample_name(self.prompt_index, self.sample_index, self.seed)
 
 
 def plan_jobs(prompts: list[str], seeds: list[int]) -> list[Job]:
@@ -70,8 +67,7 @@ def sample(
     from tqdm.auto import tqdm
 
     run = Path(run)
-    if not (run / CONFIG_FILE).is_file():
-        raise UserError(f"{run} is not a run folder (no {CONFIG_FILE}); pass the --output of a `sparse-db train` run")
+    runs.require_run(run)
     if not base and not (run / ADAPTER_FILE).is_file():
         raise UserError(
             f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base"
@@ -83,7 +79,7 @@ def sample(
     prompts = prompts or data.evaluation_prompts(subject, config.data.token)
     seeds = list(seeds or EVALUATION_SEEDS)
     resolution = resolution or config.data.resolution
-    output = Path(output or run / ("samples-base" if base else "samples"))
+    output = Path(output or run / (runs.BASE_SAMPLES if base else runs.SAMPLES))
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) as training does
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32  # SDXL's VAE upcasts itself

@@ -25,20 +25,23 @@ from typing import Any
 
 from sparse_dreambooth.config import TrainConfig, leaf_fields, merge_settings, read_yaml
 from sparse_dreambooth.errors import UserError, did_you_mean
+from sparse_dreambooth.methods import METHODS
+from sparse_dreambooth.runs import (
+    ADAPTER_FILE,
+    EVALUATION_SEEDS,
+    MANIFEST,
+    METRICS_FILE,
+    SAMPLES,
+    checkpoint_dirs,
+    resolve_subject,
+)
 
 SWEEP_KEYS = {"config", "output", "subjects", "settings", "grid", "sample", "evaluate", "report"}
 SAMPLE_KEYS = {"seeds", "num_steps", "guidance", "batch_size", "negative_prompt", "resolution", "prompts"}
 EVALUATE_KEYS = {"dino", "clip", "cmmd", "lpips", "device", "batch_size", "lpips_resolution", "cmmd_estimator"}
 REPORT_KEYS = {"resamples", "confidence", "seed", "rank_shapes", "grid_budget", "grid_prompts", "grid_columns", "out"}
 # Settings a method ignores (or rejects): left out of its config and its run name.
-IGNORED_BY = {
-    "lora": {"scaling", "wavelet", "allocation", "cap_budget"},
-    "random-sparse": {"wavelet", "rank", "alpha"},
-    "waveft": {"rank", "alpha"},
-}
 # How grid keys appear in run names, in this order; other keys follow alphabetically as key-value.
-# sample.EVALUATION_SEEDS, repeated so that planning and --dry-run need not import torch.
-EVALUATION_SEEDS = (42, 43, 44, 45)
 NAME_CODES = {
     "budget_scale": "x",
     "budget": "p",
@@ -151,12 +154,17 @@ def _format(value) -> str:
     return str(value)
 
 
+def _ignored_keys(method: str) -> frozenset[str]:
+    """Keys the method does not read (none for a name the config will reject)."""
+    return METHODS[method].ignored_keys if method in METHODS else frozenset()
+
+
 def run_name(method: str, values: dict[str, Any], axes: list[str]) -> str:
     """'waveft_x1_s25': the method and the value of every grid axis that applies to it."""
     ordered = [key for key in NAME_CODES if key in axes] + sorted(key for key in axes if key not in NAME_CODES)
     parts = [method]
     for key in ordered:
-        if key == "method" or key in IGNORED_BY.get(method, ()):
+        if key == "method" or key in _ignored_keys(method):
             continue
         value = _format(values[key])
         parts.append(f"{NAME_CODES[key]}{value}" if key in NAME_CODES else f"{key}-{value}")
@@ -174,7 +182,7 @@ def plan(sweep: Sweep) -> list[Job]:
             for combination in itertools.product(*(entry[key] for key in keys)):
                 flags = {**sweep.settings, **dict(zip(keys, combination, strict=False)), "subject": subject}
                 method = flags.get("method") or ((base or {}).get("adapter") or {}).get("method", "waveft")
-                flags = {key: value for key, value in flags.items() if key not in IGNORED_BY.get(method, ())}
+                flags = {key: value for key, value in flags.items() if key not in _ignored_keys(method)}
                 values = _flat(merge_settings(base, flags))
                 name = run_name(method, values, axes)
                 output = sweep.output / subject / name
@@ -210,15 +218,15 @@ def shard(jobs: list[Job], index: int, count: int) -> list[Job]:
 
 def train_state(job: Job) -> str:
     """'done' (adapter written), 'resume' (a checkpoint exists) or 'new'."""
-    if (job.output / "adapter.safetensors").is_file():
+    if (job.output / ADAPTER_FILE).is_file():
         return "done"
-    if any((job.output / "checkpoints").glob("step-*")):
+    if checkpoint_dirs(job.output):
         return "resume"
     return "new"
 
 
 def _manifest(job: Job) -> dict | None:
-    path = job.output / "samples" / "samples.json"
+    path = job.output / SAMPLES / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -227,7 +235,7 @@ def sample_state(job: Job, expected: int | None) -> str:
     if manifest is None:
         return "new"
     images = manifest["images"]
-    if all((job.output / "samples" / image["file"]).is_file() for image in images) and (
+    if all((job.output / SAMPLES / image["file"]).is_file() for image in images) and (
         expected is None or len(images) == expected
     ):
         return "done"
@@ -235,7 +243,7 @@ def sample_state(job: Job, expected: int | None) -> str:
 
 
 def evaluate_state(job: Job) -> str:
-    path = job.output / "samples" / "metrics.json"
+    path = job.output / SAMPLES / METRICS_FILE
     manifest = _manifest(job)
     if (
         path.is_file()
@@ -252,7 +260,6 @@ def sample_prompts(sweep: Sweep, job: Job) -> list[str] | None:
     if count is None:
         return None
     from sparse_dreambooth import data
-    from sparse_dreambooth.train import resolve_subject
 
     return data.evaluation_prompts(resolve_subject(job.config), job.config.data.token)[: int(count)]
 
@@ -348,7 +355,7 @@ def _evaluate_options(sweep: Sweep) -> tuple[dict, bool]:
 def load_models(sweep: Sweep):
     """The sweep's metric models, loaded on the CPU: done before any training, so a missing model
     stops the sweep at once instead of after hours; moved to the GPU only while evaluating."""
-    from sparse_dreambooth.evaluate import MetricModels
+    from sparse_dreambooth.metric_models import MetricModels
 
     options, _ = _evaluate_options(sweep)
     device = options.pop("device", None)
@@ -367,9 +374,9 @@ def run_job(sweep: Sweep, job: Job, models: dict, log=print, until: str = "evalu
         log(f"[{job.key}] train" + (" (resuming)" if state == "resume" else ""))
         train(job.config, resume="latest" if state == "resume" else None)
         _free_memory()
-        if (job.output / "samples").exists():  # rendered by an adapter that no longer exists
+        if (job.output / SAMPLES).exists():  # rendered by an adapter that no longer exists
             log(f"[{job.key}] removing samples of the previous adapter")
-            shutil.rmtree(job.output / "samples")
+            shutil.rmtree(job.output / SAMPLES)
     if until == "train":
         return
     if sample_state(job, _expected_images(sweep, prompts)) != "done":
@@ -378,7 +385,7 @@ def run_job(sweep: Sweep, job: Job, models: dict, log=print, until: str = "evalu
         log(f"[{job.key}] sample")
         options = {key: value for key, value in sweep.sample.items() if key != "prompts"}
         sample(job.output, prompts=prompts, **options)
-        (job.output / "samples" / "metrics.json").unlink(missing_ok=True)  # scores of other images
+        (job.output / SAMPLES / METRICS_FILE).unlink(missing_ok=True)  # scores of other images
         _free_memory()
     if until == "sample" or evaluate_state(job) == "done":
         return
@@ -391,7 +398,7 @@ def run_job(sweep: Sweep, job: Job, models: dict, log=print, until: str = "evalu
     loaded = models["models"]
     loaded.to(loaded.target)
     try:
-        evaluate_samples(read_samples(job.output / "samples"), loaded, cmmd_unbiased=unbiased)
+        evaluate_samples(read_samples(job.output / SAMPLES), loaded, cmmd_unbiased=unbiased)
     finally:
         loaded.to("cpu")
         _free_memory()
@@ -456,7 +463,7 @@ def run_sweep(
             failed.append((job.key, f"{type(error).__name__}: {error}"))
     result = None
     if make_report and count == 1:
-        if any((job.output / "samples" / "metrics.json").is_file() for job in jobs):
+        if any((job.output / SAMPLES / METRICS_FILE).is_file() for job in jobs):
             result = run_report(sweep)
     elif make_report:
         log(f"shard {index}/{count} done; when every shard has finished: {shlex.join(report_command(sweep))}")

@@ -168,7 +168,7 @@ def test_lpips_weights_convert_from_torchvision_and_the_lpips_wheel(tmp_path):
 @pytest.mark.parametrize("shape", [(12, 20), (16, 16), (30, 8)])
 def test_structural_rank_is_the_rank_of_a_random_sparse_matrix(shape):
     from sparse_dreambooth.adapters.sparse import random_positions
-    from sparse_dreambooth.report import rank_curve, structural_rank
+    from sparse_dreambooth.metrics import rank_curve, structural_rank
 
     counts = [1, 4, 9, 15, 24, 40, 70, 120]
     ranks = rank_curve(shape, counts, seed=3)

@@ -39,7 +39,7 @@ class PreparedImage:
     target_size: tuple[int, int]
 
 
-def _upright_rgb(path: pathlib.Path) -> Image.Image:
+def upright_rgb(path: pathlib.Path) -> Image.Image:
     """Open an image, apply its EXIF orientation and convert it to 8-bit RGB."""
     try:
         with Image.open(path) as opened:
@@ -105,7 +105,7 @@ def prepare_image(
     import torch  # here rather than at the top, so the data commands need not load torch
 
     path = pathlib.Path(path)
-    image = _upright_rgb(path)
+    image = upright_rgb(path)
     width, height = image.size
     if min(width, height) < resolution:
         warnings.warn(
