@@ -1,7 +1,7 @@
 """`sparse-db evaluate | report | sweep`: metrics, paper tables and figures, and whole sweeps.
 
 Torch-free at import (so `sparse-db --help` stays fast): each command imports its module inside
-its body. `register(app)` adds the commands to the main Typer app.
+its body.
 """
 
 from pathlib import Path
@@ -185,9 +185,3 @@ def sweep_command(
             f"{len(result.failed)} of {len(result.jobs)} jobs failed; fix them and run the same command again", err=True
         )
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("evaluate")(evaluate_command)
-    app.command("report")(report_command)
-    app.command("sweep")(sweep_command)

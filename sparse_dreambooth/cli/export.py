@@ -4,12 +4,11 @@ Imports nothing heavy: `sparse-db --help` must not import torch, so the commands
 sparse_dreambooth.export inside their bodies.
 """
 
-import inspect
 from pathlib import Path
 
 import typer
 
-from sparse_dreambooth.cli_flags import setting_options, with_parameters
+from sparse_dreambooth.cli.flags import with_settings
 
 FORMATS_HELP = (
     "diffusers (LoRA file for load_lora_weights) | peft (adapter folder for PeftModel.from_pretrained) | "
@@ -17,7 +16,7 @@ FORMATS_HELP = (
 )
 
 
-def _export(
+def export_command(
     run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train` (or `sparse-db import`)"),
     format: str = typer.Option(..., "--format", help=FORMATS_HELP),
     out: Path = typer.Option(
@@ -37,7 +36,15 @@ def _export(
     typer.echo(result.summary)
 
 
-def _import(source: Path, output: Path, overwrite: bool, **settings) -> None:
+@with_settings("model", "data")
+def import_command(
+    source: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"),
+    output: Path = typer.Option(
+        ..., "--output", help="run folder to create (config.yaml, adapter.safetensors, run.json)"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an adapter already in --output"),
+    **settings,
+) -> None:
     from sparse_dreambooth.export import import_adapter
 
     given = {key: value for key, value in settings.items() if value is not None}
@@ -45,40 +52,7 @@ def _import(source: Path, output: Path, overwrite: bool, **settings) -> None:
     typer.echo(f"imported {source} into {run}; render it with `sparse-db sample --run {run}`")
 
 
-with_parameters(
-    _import,
-    [
-        inspect.Parameter(
-            "source",
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            default=typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"),
-            annotation=Path,
-        ),
-        inspect.Parameter(
-            "output",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(
-                ..., "--output", help="run folder to create (config.yaml, adapter.safetensors, run.json)"
-            ),
-            annotation=Path,
-        ),
-        inspect.Parameter(
-            "overwrite",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(False, "--overwrite", help="replace an adapter already in --output"),
-            annotation=bool,
-        ),
-        *setting_options(("model", "data")),
-    ],
+IMPORT_HELP = (
+    "Bring a PEFT WaveFT or LoRA adapter into a run folder, so sample and evaluate work on it. "
+    "Name the base model (--model) and the subject (--subject, or --instance-dir with --class-name)."
 )
-
-
-def register(app: typer.Typer) -> None:
-    """Add the export and import commands to the `sparse-db` app."""
-    app.command("export", no_args_is_help=True)(_export)
-    app.command(
-        "import",
-        no_args_is_help=True,
-        help="Bring a PEFT WaveFT or LoRA adapter into a run folder, so sample and evaluate work on it. "
-        "Name the base model (--model) and the subject (--subject, or --instance-dir with --class-name).",
-    )(_import)
