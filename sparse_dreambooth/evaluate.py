@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sparse_dreambooth import data
+from sparse_dreambooth.config import TrainConfig, load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import write_json, write_text
 from sparse_dreambooth.methods import method_of
@@ -78,6 +79,55 @@ def _run_folder(folder: Path, manifest: dict | None) -> Path | None:
     return next((path for path in candidates if (path / CONFIG_FILE).is_file()), None)
 
 
+def _images_by_name(folder: Path, subject: data.Subject, prompts: list[str]) -> list[dict]:
+    """The samples of a folder without samples.json, told apart by their file names."""
+    images = []
+    for path in sorted(folder.glob(SAMPLE_GLOB)):
+        match = SAMPLE_NAME.match(path.name)
+        if not match:
+            continue
+        prompt_index, sample_index, seed = (int(group) for group in match.groups())
+        if prompt_index >= len(prompts):
+            raise UserError(
+                f"{path.name}: the {subject.kind} prompt list has {len(prompts)} prompts; add a "
+                f"samples.json naming the prompts"
+            )
+        images.append(
+            {
+                "file": path.name,
+                "prompt_index": prompt_index,
+                "sample_index": sample_index,
+                "seed": seed,
+                "prompt": prompts[prompt_index],
+            }
+        )
+    return images
+
+
+def _run_info(run: Path | None, config: TrainConfig | None, base: bool) -> dict:
+    """What the report groups by: the run's method and budget settings and its parameter count."""
+    info: dict = {"run": str(run) if run else None}
+    if config is not None and not base:
+        adapter = config.adapter
+        info.update(
+            method=adapter.method,
+            budget_scale=adapter.budget_scale,
+            budget=adapter.budget,
+            rank=adapter.rank,
+            allocation=adapter.allocation,
+            scaling=method_of(adapter).scaling(adapter),
+            wavelet=method_of(adapter).wavelet(adapter),
+            steps=config.train.steps,
+        )
+        run_json = run / RUN_FILE
+        info["trainable_parameters"] = (
+            json.loads(run_json.read_text()).get("trainable_parameters") if run_json.is_file() else None
+        )
+    else:
+        info.update(method="base" if base else "unknown", trainable_parameters=0 if base else None)
+    return info
+
+
 def read_samples(
     folder,
     subject: str | None = None,
@@ -91,8 +141,6 @@ def read_samples(
     The subject and token come from the arguments, else from the run's config.yaml (found through
     samples.json's "run" or the folder's parent).
     """
-    from sparse_dreambooth.config import load_config
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"samples folder {folder} does not exist; render it with `sparse-db sample --run RUN`")
@@ -116,27 +164,7 @@ def read_samples(
             for entry in manifest["images"]
         ]
     else:
-        prompts = data.evaluation_prompts(found, token)
-        images = []
-        for path in sorted(folder.glob(SAMPLE_GLOB)):
-            match = SAMPLE_NAME.match(path.name)
-            if not match:
-                continue
-            prompt_index, sample_index, seed = (int(group) for group in match.groups())
-            if prompt_index >= len(prompts):
-                raise UserError(
-                    f"{path.name}: the {found.kind} prompt list has {len(prompts)} prompts; add a "
-                    f"samples.json naming the prompts"
-                )
-            images.append(
-                {
-                    "file": path.name,
-                    "prompt_index": prompt_index,
-                    "sample_index": sample_index,
-                    "seed": seed,
-                    "prompt": prompts[prompt_index],
-                }
-            )
+        images = _images_by_name(folder, found, data.evaluation_prompts(found, token))
     if not images:
         raise UserError(
             f"no samples (prompt_XX_sample_K_seed_S.png) in {folder}; render them with `sparse-db sample --run RUN`"
@@ -148,27 +176,8 @@ def read_samples(
             f"finish `sparse-db sample` first"
         )
 
-    info: dict = {"run": str(run) if run else None}
     base = manifest is not None and manifest.get("adapter") is None
-    if config is not None and not base:
-        adapter = config.adapter
-        info.update(
-            method=adapter.method,
-            budget_scale=adapter.budget_scale,
-            budget=adapter.budget,
-            rank=adapter.rank,
-            allocation=adapter.allocation,
-            scaling=method_of(adapter).scaling(adapter),
-            wavelet=method_of(adapter).wavelet(adapter),
-            steps=config.train.steps,
-        )
-        run_json = run / RUN_FILE
-        info["trainable_parameters"] = (
-            json.loads(run_json.read_text()).get("trainable_parameters") if run_json.is_file() else None
-        )
-    else:
-        info.update(method="base" if base else "unknown", trainable_parameters=0 if base else None)
-    return SampleSet(folder, found, token, images, info)
+    return SampleSet(folder, found, token, images, _run_info(run, config, base))
 
 
 def evaluate_samples(samples: SampleSet, models: MetricModels, output=None, cmmd_unbiased: bool = True) -> dict:

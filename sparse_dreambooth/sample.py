@@ -110,25 +110,27 @@ def sample(
                 image.save(tmp, format="PNG")
     state.wait_for_everyone()
     if state.is_main_process:
-        write_json(
-            output / MANIFEST,
-            {
-                "run": str(run),
-                "adapter": None if base else ADAPTER_FILE,
-                "subject": subject.name,
-                "class": subject.class_name,
-                "kind": subject.kind,
-                "settings": {
-                    "scheduler": "DPMSolverMultistepScheduler(dpmsolver++, order 2)",
-                    "num_steps": num_steps,
-                    "guidance": guidance,
-                    "negative_prompt": negative_prompt,
-                    "resolution": resolution,
-                },
-                "images": [{"file": job.file_name, **asdict(job)} for job in jobs],
-            },
-        )
+        settings = {"num_steps": num_steps, "guidance": guidance, "negative_prompt": negative_prompt}
+        _write_manifest(output, run, base, subject, jobs, {**settings, "resolution": resolution})
     state.wait_for_everyone()
     state.end_training()  # destroy the process group now, not in the interpreter's teardown
     state.print(f"{len(jobs)} images in {output}")
     return output
+
+
+def _write_manifest(
+    output: Path, run: Path, base: bool, subject: data.Subject, jobs: list[Job], settings: dict
+) -> None:
+    """samples.json: which run and subject, how the images were rendered, and every image's prompt and seed."""
+    write_json(
+        output / MANIFEST,
+        {
+            "run": str(run),
+            "adapter": None if base else ADAPTER_FILE,
+            "subject": subject.name,
+            "class": subject.class_name,
+            "kind": subject.kind,
+            "settings": {"scheduler": "DPMSolverMultistepScheduler(dpmsolver++, order 2)", **settings},
+            "images": [{"file": job.file_name, **asdict(job)} for job in jobs],
+        },
+    )

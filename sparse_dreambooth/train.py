@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-import random
 import shutil
 import signal
 import sys
@@ -30,13 +29,14 @@ from torch.nn import functional as F
 
 from sparse_dreambooth import __version__, runs
 from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
+from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batch, prepare_images
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
-from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts, instance_prompt, prepare_image
+from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts, instance_prompt
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
 from sparse_dreambooth.methods import method_of
-from sparse_dreambooth.model import add_time_ids, encode_prompts, evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -80,50 +80,7 @@ class StopRequests:
             signal.signal(signum, handler)
 
 
-# --- cached training examples --------------------------------------------------------------------
-
-
-@dataclass
-class CachedExamples:
-    """Every (image, flip) variant as a VAE latent distribution, its time ids, and the prompt."""
-
-    latent_mean: torch.Tensor  # (N, 4, h, w)
-    latent_std: torch.Tensor  # (N, 4, h, w)
-    time_ids: torch.Tensor  # (N, 6)
-    prompt_embeds: torch.Tensor  # (1, 77, D)
-    pooled_embeds: torch.Tensor  # (1, D2)
-
-
-def prepare_images(subject: Subject, config: TrainConfig) -> list[PreparedImage]:
-    """Decode every (image, flip) variant up front, so a broken file fails before models load."""
-    flips = (False, True) if config.data.random_flip else (False,)
-    return [
-        prepare_image(
-            path,
-            config.data.resolution,
-            flip=flip,
-            center_crop=config.data.center_crop,
-            rng=random.Random(config.train.seed * 1000 + index),
-        )
-        for index, path in enumerate(subject.image_paths)
-        for flip in flips
-    ]
-
-
-@torch.no_grad()
-def cache_examples(pipe, images: list[PreparedImage], prompt: str, device: torch.device) -> CachedExamples:
-    means, stds = [], []
-    for image in images:
-        distribution = pipe.vae.encode(image.pixels[None].to(device, pipe.vae.dtype)).latent_dist
-        means.append(distribution.mean.float().cpu())
-        stds.append(distribution.std.float().cpu())
-    time_ids = [add_time_ids(image.original_size, image.crop_top_left, image.target_size) for image in images]
-    prompt_embeds, pooled = encode_prompts(
-        [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], [prompt]
-    )
-    return CachedExamples(
-        torch.cat(means), torch.cat(stds), torch.stack(time_ids), prompt_embeds.float().cpu(), pooled.float().cpu()
-    )
+# --- validation images --------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -145,45 +102,6 @@ def render_validation(pipe, unet: torch.nn.Module, prompt: str, config: TrainCon
     unet.train()
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-
-
-@dataclass
-class NoisyBatch:
-    """One micro-batch of this process: which examples, their timesteps, the UNet input and target."""
-
-    index: torch.Tensor  # (b,) rows of the cached examples
-    timesteps: torch.Tensor  # (b,)
-    noisy: torch.Tensor  # (b, 4, h, w) latents with noise added at `timesteps`
-    target: torch.Tensor  # (b, 4, h, w) what the UNet should predict: the noise, or v
-
-
-def noisy_batch(
-    examples: CachedExamples,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    scaling_factor: float,
-    generator: torch.Generator,
-    global_batch: int,
-    mine: slice,
-) -> NoisyBatch:
-    """Draw a global batch from `generator` and return this process's slice of it, noised.
-
-    Every process draws the same global batch (so the generator stays in step everywhere) and
-    keeps rows `mine`. The latent is sampled from each image's cached VAE distribution, then
-    noised as DDPM's forward process: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e, and the target is e
-    (epsilon prediction) or v = sqrt(a_t) e - sqrt(1 - a_t) x_0 (v-prediction). Pure: no model.
-    """
-    latent_shape = (global_batch, *examples.latent_mean.shape[1:])
-    index = torch.randint(len(examples.time_ids), (global_batch,), generator=generator)[mine]
-    latent_noise = torch.randn(latent_shape, generator=generator)[mine]
-    noise = torch.randn(latent_shape, generator=generator)[mine]
-    timesteps = torch.randint(0, len(alphas_cumprod), (global_batch,), generator=generator)[mine]
-    latents = (examples.latent_mean[index] + examples.latent_std[index] * latent_noise) * scaling_factor
-    alpha_bar = alphas_cumprod.to(latents.dtype)[timesteps].view(-1, 1, 1, 1)
-    signal_scale, noise_scale = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
-    noisy = signal_scale * latents + noise_scale * noise
-    target = signal_scale * noise - noise_scale * latents if prediction_type == "v_prediction" else noise
-    return NoisyBatch(index, timesteps, noisy, target)
 
 
 # --- setup ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sparse_dreambooth.train import CachedExamples, noisy_batch
+from sparse_dreambooth.batches import CachedExamples, noisy_batch
 
 
 def _examples(count: int = 3) -> CachedExamples:
