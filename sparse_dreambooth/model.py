@@ -56,6 +56,8 @@ def tiny_pipeline_path(seed: int = 0) -> Path:
         return final
     with atomic_folder(final, replace=False) as staging:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+    if not (final / "model_index.json").is_file():  # the folder was there, but not a finished copy
+        raise UserError(f"{final} exists but holds no tiny model; delete it and run again")
     return final
 
 
