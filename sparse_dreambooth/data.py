@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.files import folder_mode
 
 if TYPE_CHECKING:
     import torch
@@ -460,6 +461,7 @@ def demo_subject_dir() -> pathlib.Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        os.chmod(staging, folder_mode())  # mkdtemp's owner-only mode would carry over to the renamed folder
     except OSError as error:
         raise UserError(
             f"cannot write the demo subject to {target.parent} ({error}); set SPARSE_DB_CACHE to a writable folder"

@@ -43,7 +43,7 @@ from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
 from sparse_dreambooth.config import SECTIONS, ModelSettings, dump_yaml, load_config, merge_settings
 from sparse_dreambooth.errors import UserError, did_you_mean
-from sparse_dreambooth.files import write_json, write_safetensors, write_text
+from sparse_dreambooth.files import share_like_open, write_json, write_safetensors, write_text
 
 FORMATS = ("diffusers", "peft", "kohya", "merged")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -481,6 +481,7 @@ def _export_merged(
         saved.to(dtype)
     with _staged_folder(out) as staging:
         saved.save_pretrained(staging, safe_serialization=True)
+        share_like_open(staging)
     what, loader = ("SDXL pipeline", "StableDiffusionXLPipeline") if pipeline else ("UNet", "UNet2DConditionModel")
     summary = f"wrote {out} (diffusers {what}, adapter merged); load it with {loader}.from_pretrained({str(out)!r})"
     return ExportResult(out, "merged", summary)

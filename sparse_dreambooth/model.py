@@ -17,6 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sparse_dreambooth.config import DEFAULT_MODEL
 from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.files import share_like_open
 from sparse_dreambooth.tiny_model import TINY_MODEL_VERSION, build_tiny_pipeline
 
 TINY_MODEL = "tiny"
@@ -72,6 +73,7 @@ def tiny_pipeline_path(seed: int = 0) -> Path:
     staging.mkdir()
     try:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+        share_like_open(staging)
         # Atomic, and refuses to replace a non-empty folder, i.e. another process's finished copy.
         os.rename(staging, final)
     except OSError:
