@@ -63,7 +63,9 @@ class AdapterConfig:
     budget_scale: float | None = setting(
         None, "total budget as a multiple of LoRA r=1 on the same layers (paper: 0.8 0.9 1 1.5 2 3)"
     )
-    allocation: str = setting("uniform", "sparse budget per layer: uniform | proportional (to out*in)")
+    allocation: str = setting(
+        "uniform", "sparse budget per layer: uniform | proportional (to out*in, as PEFT's proportional_parameters)"
+    )
     cap_budget: bool = setting(False, "cap a budget larger than a layer (with a warning) instead of failing")
     scaling: float = setting(25.0, "multiplier of the sparse delta (PEFT's WaveFT default 25)")
     wavelet: str = setting("db1", "WaveFT wavelet: any discrete pywt wavelet (db1-38, sym, coif, bior, rbio)")

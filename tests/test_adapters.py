@@ -279,10 +279,77 @@ def test_paper_budget_scales_on_sdxl(scale):
     uniform = budgets.sparse_budgets(sd.AdapterConfig(budget_scale=scale), shapes)
     assert set(uniform.values()) == {round(target / 560)}
     proportional = budgets.sparse_budgets(sd.AdapterConfig(budget_scale=scale, allocation="proportional"), shapes)
-    assert sum(proportional.values()) == target
-    # Proportional to out*in: a 1280x2048 layer gets 3.2x the share of a 640x1280... within one.
+    assert abs(sum(proportional.values()) - target) <= len(shapes) / 2  # rounded per layer
+    # Proportional to out*in: a 1280x2048 layer gets 6.4x the share of a 640x640 one, to rounding.
     big, small = proportional["block10.attn2.to_k"], proportional["block0.attn1.to_q"]
     assert abs(big - small * (1280 * 2048) / (640 * 640)) <= 1 + (1280 * 2048) / (640 * 640)
+
+
+def peft_proportional_counts(model, targets, n_frequency) -> dict[str, int]:
+    """PEFT's own per-layer counts for proportional_parameters=True, from its allocation code."""
+    from peft import WaveFTConfig
+    from peft.tuners.waveft.model import WaveFTModel
+
+    config = WaveFTConfig(n_frequency=n_frequency, proportional_parameters=True, target_modules=targets)
+    # The method reads only its arguments; calling it unbound sizes a meta model without building PEFT layers.
+    return WaveFTModel._calculate_proportional_parameters(None, model, config)
+
+
+def our_proportional_counts(model, targets, budget) -> dict[str, int]:
+    from sparse_dreambooth.adapters.layer import target_linears
+
+    shapes = {name: (lin.out_features, lin.in_features) for name, lin in target_linears(model, targets).items()}
+    return budgets.sparse_budgets(sd.AdapterConfig(budget=budget, allocation="proportional"), shapes)
+
+
+@pytest.mark.parametrize("n_frequency", [1, 2592, 5184])
+def test_proportional_counts_are_peft_s_on_sdxl(n_frequency):
+    from sparse_dreambooth.sdxl_architecture import build_sdxl_unet
+
+    unet = build_sdxl_unet(device="meta")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    theirs = peft_proportional_counts(unet, targets, n_frequency)
+    ours = our_proportional_counts(unet, targets, n_frequency)
+    assert len(ours) == 560
+    assert ours == theirs
+
+
+def test_proportional_counts_are_peft_s_when_the_floor_of_one_binds():
+    """Six layers at p=1 (a target of 6): PEFT gives the big layer 6 and each small one 1, 11 in all."""
+    from peft import WaveFTConfig, get_peft_model
+
+    shapes = [(8, 16), (64, 64), (2, 8), (1, 4), (2, 4), (16, 2)]
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(in_features, out_features) for out_features, in_features in shapes))
+    targets = [str(index) for index in range(len(shapes))]
+    ours = our_proportional_counts(model, targets, 1)
+    config = WaveFTConfig(n_frequency=1, proportional_parameters=True, target_modules=targets, use_idwt=False)
+    peft_model = get_peft_model(model, config)
+    theirs = {
+        name.removeprefix("base_model.model.").removesuffix(".waveft_spectrum.default"): parameter.numel()
+        for name, parameter in peft_model.named_parameters()
+        if "waveft_spectrum" in name
+    }
+    assert ours == theirs
+    assert sum(ours.values()) == 11
+
+
+def test_proportional_counts_are_peft_s_on_the_tiny_unet():
+    from peft import WaveFTConfig, get_peft_model
+
+    from sparse_dreambooth.model import load_pipeline
+
+    unet = load_pipeline("tiny").unet
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    ours = our_proportional_counts(unet, targets, 40)
+    config = WaveFTConfig(n_frequency=40, proportional_parameters=True, target_modules=targets)
+    peft_model = get_peft_model(unet, config)
+    theirs = {
+        name.removeprefix("base_model.model.").removesuffix(".waveft_spectrum.default"): parameter.numel()
+        for name, parameter in peft_model.named_parameters()
+        if "waveft_spectrum" in name
+    }
+    assert ours == theirs
 
 
 @pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
