@@ -407,3 +407,36 @@ def test_targets_match_suffix_and_glob():
     model = nn.Sequential(TwoProjections(), TwoProjections())
     assert list(target_linears(model, ["to_q"])) == ["0.to_q", "1.to_q"]
     assert list(target_linears(model, ["1.to_*"])) == ["1.to_q", "1.to_k"]
+
+
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_attach_on_the_meta_device_sizes_the_model_and_loads_later(method):
+    """Sizing without memory: the meta model's count is the real one, and loading the real
+    model's state dict (assign=True, as accelerate does) gives a working, identical adapter."""
+    from diffusers import UNet2DConditionModel
+
+    from sparse_dreambooth.model import load_pipeline
+
+    config = sd.AdapterConfig(method=method, wavelet="db3", budget=48)
+    real = load_pipeline("tiny").unet
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(real.config)
+    sd.attach(meta, config)
+    sd.attach(real, config)
+    assert sd.trainable_parameter_count(meta) == sd.trainable_parameter_count(real) > 0
+    randomise_adapters(real)
+    meta.load_state_dict(real.state_dict(), assign=True)
+    layer = next(iter(sd.adapted_layers(meta).values()))
+    twin = sd.adapted_layers(real)[next(iter(sd.adapted_layers(meta)))]
+    assert torch.equal(layer.adapter.delta_weight(), twin.adapter.delta_weight())
+    x = torch.randn(3, layer.in_features)
+    assert torch.equal(layer(x), twin(x))
+
+
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_sdxl_is_sized_on_the_meta_device_at_lora_r1_s_count(method):
+    from sparse_dreambooth.sdxl_architecture import build_sdxl_unet
+
+    unet = build_sdxl_unet(device="meta")
+    sd.attach(unet, sd.AdapterConfig(method=method))
+    assert sd.trainable_parameter_count(unet) == 1_451_520  # 560 x 2592, or LoRA r=1
