@@ -196,6 +196,31 @@ def test_merge_matches_unmerged_forward_and_unmerge_restores(method):
         assert torch.equal(model(x), unmerged)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_half_precision_merge_rounds_once(method, dtype):
+    """Merged weight == round(W + delta) formed in fp32; unmerge gives the original bits back."""
+    model = fresh_model(in_features=48, out_features=64).to(dtype)
+    original = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    sd.attach(model, sd.AdapterConfig(method=method, budget=512, wavelet="db2", targets=["to_q", "to_k"]))
+    for layer in sd.adapted_layers(model).values():
+        for parameter in layer.adapter.parameters():
+            # Small values next to the weights: where double rounding differs from single rounding.
+            torch.nn.init.normal_(parameter, std=0.05 if method == "lora" else 1e-3)
+    expected = {
+        name: (layer.base.weight.float() + layer.adapter.delta_weight().float()).to(dtype)
+        for name, layer in sd.adapted_layers(model).items()
+    }
+    sd.merge(model)
+    for name, layer in sd.adapted_layers(model).items():
+        assert not torch.equal(layer.base.weight, original[f"{name}.weight"])
+        assert torch.equal(layer.base.weight, expected[name])
+    sd.unmerge(model)
+    if method != "lora":
+        for name, layer in sd.adapted_layers(model).items():
+            assert torch.equal(layer.base.weight, original[f"{name}.weight"])
+
+
 @pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
 def test_save_then_load_into_a_fresh_model_gives_identical_outputs(method, tmp_path, monkeypatch):
     model = fresh_model()
