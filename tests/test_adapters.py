@@ -465,3 +465,27 @@ def test_sdxl_is_sized_on_the_meta_device_at_lora_r1_s_count(method):
     unet = build_sdxl_unet(device="meta")
     sd.attach(unet, sd.AdapterConfig(method=method))
     assert sd.trainable_parameter_count(unet) == 1_451_520  # 560 x 2592, or LoRA r=1
+
+
+@pytest.mark.parametrize(
+    ("target", "replacement", "message"),
+    [
+        (b'"adapter_config":"{', b'"adapter_config":"[', "'adapter_config' metadata is not valid JSON"),
+        (b'"layers":"{', b'"layers":"[', "'layers' metadata is not valid JSON"),
+        (b'\\"method\\"', b'\\"mexhod\\"', "'adapter_config' metadata holds an unknown setting"),
+    ],
+)
+def test_one_damaged_byte_of_metadata_is_a_one_line_error(tmp_path, target, replacement, message):
+    model = fresh_model()
+    config = sd.AdapterConfig(budget=20, targets=["to_q"])
+    sd.attach(model, config)
+    path = tmp_path / "adapter.safetensors"
+    sd.save_adapter(model, path, config, base_model="toy")
+    blob = path.read_bytes()
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    assert blob.count(target, 0, header_end) == 1
+    damaged = blob.replace(target, replacement, 1)
+    assert sum(a != b for a, b in zip(blob, damaged, strict=True)) == 1
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match=message):
+        sd.load_adapter(fresh_model(), path)
