@@ -7,6 +7,7 @@ wrongly typed values are errors that name the fix. This module imports no torch.
 """
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ class AdapterConfig:
     budget_scale: float | None = setting(
         None, "total budget as a multiple of LoRA r=1 on the same layers (paper: 0.8 0.9 1 1.5 2 3)"
     )
-    allocation: str = setting("uniform", "sparse budget per layer: uniform | proportional (to out*in)")
+    allocation: str = setting(
+        "uniform", "sparse budget per layer: uniform | proportional (to out*in, as PEFT's proportional_parameters)"
+    )
     cap_budget: bool = setting(False, "cap a budget larger than a layer (with a warning) instead of failing")
     scaling: float = setting(25.0, "multiplier of the sparse delta (PEFT's WaveFT default 25)")
     wavelet: str = setting("db1", "WaveFT wavelet: any discrete pywt wavelet (db1-38, sym, coif, bior, rbio)")
@@ -166,6 +169,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             _positive(name, getattr(train, name), "a positive integer")
         _positive("lr", train.lr)
+        # 0 would keep nothing (or everything) and a negative count would delete the checkpoint a
+        # stopped run says to resume from.
+        _positive("checkpoints_kept", train.checkpoints_kept, "a positive integer")
         _choose("mixed_precision", train.mixed_precision, MIXED_PRECISIONS)
         _choose("lr_scheduler", train.lr_scheduler, LR_SCHEDULERS)
 
@@ -195,6 +201,10 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     }
 
 
+# A plain decimal number, as a float field may be spelled in YAML: 1e-4, -2.5E3, .5.
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, annotation) -> Any:
     """Check a YAML value against the field type; ints are accepted where floats are expected."""
     optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
@@ -205,6 +215,8 @@ def _coerce(key: str, value: Any, annotation) -> Any:
     base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as a string
     if base is list and isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
@@ -253,12 +265,32 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist; see the recipes in configs/")
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if tree is not None and not isinstance(tree, dict):
         raise UserError(f"{path} must hold a mapping of sections (model, data, adapter, train)")
     return tree or {}
+
+
+def _yaml_problem(error) -> str:
+    """PyYAML's message on one line: what it found and where (1-based line and column)."""
+    problem = getattr(error, "problem", None)
+    if not problem:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
 
 
 def load_config(path) -> TrainConfig:

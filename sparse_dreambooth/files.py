@@ -1,6 +1,7 @@
 """Atomic file and folder writes (a reader, or a crash, never sees half of one) and the cache folder."""
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -22,17 +23,64 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse-dreambooth"
 
 
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once.
+
+    Linux reports it in /proc/self/status; elsewhere the only way is os.umask's set-and-restore,
+    which is process-wide, so it is done once here (at first write) rather than on every file.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode a plain mkdir() gives a new folder: 0o777 minus the umask."""
+    return 0o777 & ~_umask()
+
+
+def share_like_open(folder) -> None:
+    """Give every file and folder under `folder` the modes open()/mkdir() would have given them.
+
+    For trees written by other libraries: safetensors' save_file (and so diffusers' save_pretrained)
+    creates owner-only (0o600) files, which a UI running as another user cannot read.
+    """
+    folder = Path(folder)
+    os.chmod(folder, folder_mode())
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), folder_mode())
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode())
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it is renamed over `path`.
 
     Rename within one directory is atomic on POSIX, so an interrupted write leaves the previous
-    file (or nothing) in place, never a truncated one.
+    file (or nothing) in place, never a truncated one. The file gets the mode a plain open() would
+    give it (mkstemp's own is owner-only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -59,6 +107,9 @@ def atomic_folder(path, *, replace: bool = True):
     staging.mkdir()
     try:
         yield staging
+        # Libraries writing into the folder (safetensors' save_file, so diffusers' save_pretrained)
+        # create owner-only files; what we publish gets the modes a plain open() would give.
+        share_like_open(staging)
         if replace and (path.exists() or path.is_symlink()):
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
             path.rename(old)

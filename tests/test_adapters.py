@@ -196,6 +196,31 @@ def test_merge_matches_unmerged_forward_and_unmerge_restores(method):
         assert torch.equal(model(x), unmerged)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_half_precision_merge_rounds_once(method, dtype):
+    """Merged weight == round(W + delta) formed in fp32; unmerge gives the original bits back."""
+    model = fresh_model(in_features=48, out_features=64).to(dtype)
+    original = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    sd.attach(model, sd.AdapterConfig(method=method, budget=512, wavelet="db2", targets=["to_q", "to_k"]))
+    for layer in sd.adapted_layers(model).values():
+        for parameter in layer.adapter.parameters():
+            # Small values next to the weights: where double rounding differs from single rounding.
+            torch.nn.init.normal_(parameter, std=0.05 if method == "lora" else 1e-3)
+    expected = {
+        name: (layer.base.weight.float() + layer.adapter.delta_weight().float()).to(dtype)
+        for name, layer in sd.adapted_layers(model).items()
+    }
+    sd.merge(model)
+    for name, layer in sd.adapted_layers(model).items():
+        assert not torch.equal(layer.base.weight, original[f"{name}.weight"])
+        assert torch.equal(layer.base.weight, expected[name])
+    sd.unmerge(model)
+    if method != "lora":
+        for name, layer in sd.adapted_layers(model).items():
+            assert torch.equal(layer.base.weight, original[f"{name}.weight"])
+
+
 @pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
 def test_save_then_load_into_a_fresh_model_gives_identical_outputs(method, tmp_path, monkeypatch):
     model = fresh_model()
@@ -279,10 +304,77 @@ def test_paper_budget_scales_on_sdxl(scale):
     uniform = budgets.sparse_budgets(sd.AdapterConfig(budget_scale=scale), shapes)
     assert set(uniform.values()) == {round(target / 560)}
     proportional = budgets.sparse_budgets(sd.AdapterConfig(budget_scale=scale, allocation="proportional"), shapes)
-    assert sum(proportional.values()) == target
-    # Proportional to out*in: a 1280x2048 layer gets 3.2x the share of a 640x1280... within one.
+    assert abs(sum(proportional.values()) - target) <= len(shapes) / 2  # rounded per layer
+    # Proportional to out*in: a 1280x2048 layer gets 6.4x the share of a 640x640 one, to rounding.
     big, small = proportional["block10.attn2.to_k"], proportional["block0.attn1.to_q"]
     assert abs(big - small * (1280 * 2048) / (640 * 640)) <= 1 + (1280 * 2048) / (640 * 640)
+
+
+def peft_proportional_counts(model, targets, n_frequency) -> dict[str, int]:
+    """PEFT's own per-layer counts for proportional_parameters=True, from its allocation code."""
+    from peft import WaveFTConfig
+    from peft.tuners.waveft.model import WaveFTModel
+
+    config = WaveFTConfig(n_frequency=n_frequency, proportional_parameters=True, target_modules=targets)
+    # The method reads only its arguments; calling it unbound sizes a meta model without building PEFT layers.
+    return WaveFTModel._calculate_proportional_parameters(None, model, config)
+
+
+def our_proportional_counts(model, targets, budget) -> dict[str, int]:
+    from sparse_dreambooth.adapters.layer import target_linears
+
+    shapes = {name: (lin.out_features, lin.in_features) for name, lin in target_linears(model, targets).items()}
+    return budgets.sparse_budgets(sd.AdapterConfig(budget=budget, allocation="proportional"), shapes)
+
+
+@pytest.mark.parametrize("n_frequency", [1, 2592, 5184])
+def test_proportional_counts_are_peft_s_on_sdxl(n_frequency):
+    from sparse_dreambooth.sdxl_architecture import build_sdxl_unet
+
+    unet = build_sdxl_unet(device="meta")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    theirs = peft_proportional_counts(unet, targets, n_frequency)
+    ours = our_proportional_counts(unet, targets, n_frequency)
+    assert len(ours) == 560
+    assert ours == theirs
+
+
+def test_proportional_counts_are_peft_s_when_the_floor_of_one_binds():
+    """Six layers at p=1 (a target of 6): PEFT gives the big layer 6 and each small one 1, 11 in all."""
+    from peft import WaveFTConfig, get_peft_model
+
+    shapes = [(8, 16), (64, 64), (2, 8), (1, 4), (2, 4), (16, 2)]
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(in_features, out_features) for out_features, in_features in shapes))
+    targets = [str(index) for index in range(len(shapes))]
+    ours = our_proportional_counts(model, targets, 1)
+    config = WaveFTConfig(n_frequency=1, proportional_parameters=True, target_modules=targets, use_idwt=False)
+    peft_model = get_peft_model(model, config)
+    theirs = {
+        name.removeprefix("base_model.model.").removesuffix(".waveft_spectrum.default"): parameter.numel()
+        for name, parameter in peft_model.named_parameters()
+        if "waveft_spectrum" in name
+    }
+    assert ours == theirs
+    assert sum(ours.values()) == 11
+
+
+def test_proportional_counts_are_peft_s_on_the_tiny_unet():
+    from peft import WaveFTConfig, get_peft_model
+
+    from sparse_dreambooth.model import load_pipeline
+
+    unet = load_pipeline("tiny").unet
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    ours = our_proportional_counts(unet, targets, 40)
+    config = WaveFTConfig(n_frequency=40, proportional_parameters=True, target_modules=targets)
+    peft_model = get_peft_model(unet, config)
+    theirs = {
+        name.removeprefix("base_model.model.").removesuffix(".waveft_spectrum.default"): parameter.numel()
+        for name, parameter in peft_model.named_parameters()
+        if "waveft_spectrum" in name
+    }
+    assert ours == theirs
 
 
 @pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
@@ -340,3 +432,60 @@ def test_targets_match_suffix_and_glob():
     model = nn.Sequential(TwoProjections(), TwoProjections())
     assert list(target_linears(model, ["to_q"])) == ["0.to_q", "1.to_q"]
     assert list(target_linears(model, ["1.to_*"])) == ["1.to_q", "1.to_k"]
+
+
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_attach_on_the_meta_device_sizes_the_model_and_loads_later(method):
+    """Sizing without memory: the meta model's count is the real one, and loading the real
+    model's state dict (assign=True, as accelerate does) gives a working, identical adapter."""
+    from diffusers import UNet2DConditionModel
+
+    from sparse_dreambooth.model import load_pipeline
+
+    config = sd.AdapterConfig(method=method, wavelet="db3", budget=48)
+    real = load_pipeline("tiny").unet
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(real.config)
+    sd.attach(meta, config)
+    sd.attach(real, config)
+    assert sd.trainable_parameter_count(meta) == sd.trainable_parameter_count(real) > 0
+    randomise_adapters(real)
+    meta.load_state_dict(real.state_dict(), assign=True)
+    layer = next(iter(sd.adapted_layers(meta).values()))
+    twin = sd.adapted_layers(real)[next(iter(sd.adapted_layers(meta)))]
+    assert torch.equal(layer.adapter.delta_weight(), twin.adapter.delta_weight())
+    x = torch.randn(3, layer.in_features)
+    assert torch.equal(layer(x), twin(x))
+
+
+@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+def test_sdxl_is_sized_on_the_meta_device_at_lora_r1_s_count(method):
+    from sparse_dreambooth.sdxl_architecture import build_sdxl_unet
+
+    unet = build_sdxl_unet(device="meta")
+    sd.attach(unet, sd.AdapterConfig(method=method))
+    assert sd.trainable_parameter_count(unet) == 1_451_520  # 560 x 2592, or LoRA r=1
+
+
+@pytest.mark.parametrize(
+    ("target", "replacement", "message"),
+    [
+        (b'"adapter_config":"{', b'"adapter_config":"[', "'adapter_config' metadata is not valid JSON"),
+        (b'"layers":"{', b'"layers":"[', "'layers' metadata is not valid JSON"),
+        (b'\\"method\\"', b'\\"mexhod\\"', "'adapter_config' metadata holds an unknown setting"),
+    ],
+)
+def test_one_damaged_byte_of_metadata_is_a_one_line_error(tmp_path, target, replacement, message):
+    model = fresh_model()
+    config = sd.AdapterConfig(budget=20, targets=["to_q"])
+    sd.attach(model, config)
+    path = tmp_path / "adapter.safetensors"
+    sd.save_adapter(model, path, config, base_model="toy")
+    blob = path.read_bytes()
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    assert blob.count(target, 0, header_end) == 1
+    damaged = blob.replace(target, replacement, 1)
+    assert sum(a != b for a, b in zip(blob, damaged, strict=True)) == 1
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match=message):
+        sd.load_adapter(fresh_model(), path)

@@ -98,3 +98,43 @@ def test_a_subject_is_required_and_exclusive():
 
 def test_default_output_folder_names_subject_and_method():
     assert merge_settings({}, {"subject": "dog6", "method": "lora"}).output_dir == Path("runs/dog6-lora")
+
+
+def test_yaml_syntax_errors_keep_what_was_found_and_where(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("adapter:\n  method: waveft\n\tbudget: 3\n")
+    with pytest.raises(UserError) as caught:
+        read_yaml(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "found character '\\t' that cannot start any token" in message
+    assert "line 3, column 1" in message
+
+
+def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data:\n  class_name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text.*save it as UTF-8"):
+        read_yaml(path)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1e-4", 1e-4), ("1.0e-4", 1e-4), ("2E-3", 2e-3), ("3", 3.0)])
+def test_yaml_floats_without_a_dot_are_read_as_floats(tmp_path, text, expected):
+    """YAML 1.1 (PyYAML) reads 1e-4 as the string '1e-4'; a float setting accepts it as a number."""
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"train:\n  lr: {text}\n")
+    config = merge_settings(read_yaml(path), {"subject": "demo"})
+    assert config.train.lr == expected and isinstance(config.train.lr, float)
+
+
+def test_float_settings_still_refuse_words(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError, match="lr must be float"):
+        merge_settings(read_yaml(path), {"subject": "demo"})
+
+
+@pytest.mark.parametrize("kept", [0, -1])
+def test_checkpoints_kept_must_be_positive(kept):
+    with pytest.raises(UserError, match="checkpoints_kept must be a positive integer"):
+        merge_settings(None, {"subject": "demo", "checkpoints_kept": kept})

@@ -254,3 +254,47 @@ def test_sdxl_architecture_has_the_560_projections_of_lora_r1_count():
     assert len(shapes) == 560
     assert lora_r1_count(shapes) == 1_451_520
     assert sum(parameter.numel() for parameter in unet.parameters()) == 2_567_463_684
+
+
+class SortRecorder(TorchDispatchMode):
+    """Element counts of the inputs of every sort-like op (sort, argsort, unique)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(word in func.__name__ for word in ("sort", "unique")):
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+def test_setup_sorts_no_taps_and_builds_nothing_of_full_patch_size():
+    """db38 (L = 76) at p = 2592 on a 64 x 96 weight: 15 M patch taps, 4 M of them inside. Setup
+    used to sort all 4 M taps (twice) and mask the 15 M; now it sorts at most p L patch rows and
+    builds nothing larger than the taps it keeps."""
+    shape, count, length = (64, 96), 2592, 76
+    positions = random_positions(shape, count, seed=777)
+    with TensorRecorder() as created, SortRecorder() as sorted_sizes:
+        adapter = SparseAdapter(shape, positions, 25.0, "db38")
+    kept = adapter._tap_entry.numel()
+    assert kept < count * length * length
+    assert max(created.sizes) <= kept
+    assert sorted_sizes.sizes and max(sorted_sizes.sizes) <= count * length
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db3", "sym4", "db8", None])
+@pytest.mark.parametrize("shape", [(40, 24), (7, 130)])
+def test_touched_entries_are_the_union_of_the_footprints(wavelet, shape):
+    """Oracle: every coefficient's L x L patch marked one entry at a time, clipped to the weight."""
+    layer = make_layer(shape, wavelet, budget=30)
+    adapter = layer.adapter
+    length = adapter.filter_length
+    expected = set()
+    for k in range(adapter.coefficients.numel()):
+        for a in range(length):
+            for b in range(length):
+                row, col = int(adapter._row_start[k]) + a, int(adapter._col_start[k]) + b
+                if 0 <= row < shape[0] and 0 <= col < shape[1]:
+                    expected.add(row * shape[1] + col)
+    assert adapter.touched_indices().tolist() == sorted(expected)

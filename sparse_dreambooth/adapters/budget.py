@@ -5,7 +5,6 @@ on the same layers, sum(out + in). A sparse method spreads that total uniformly 
 to out*in; LoRA takes the single rank whose total is nearest.
 """
 
-import math
 import warnings
 
 from sparse_dreambooth.config import DEFAULT_BUDGET, AdapterConfig
@@ -27,15 +26,18 @@ def total_budget(config: AdapterConfig, shapes: Shapes) -> int:
 
 
 def _proportional(total: int, shapes: Shapes) -> dict[str, int]:
-    """Largest-remainder split of `total` by out*in: the sum is exact and every layer gets >= 1."""
-    sizes = {name: out_features * in_features for name, (out_features, in_features) in shapes.items()}
-    all_sizes = sum(sizes.values())
-    quotas = {name: total * size / all_sizes for name, size in sizes.items()}
-    counts = {name: max(1, math.floor(quota)) for name, quota in quotas.items()}
-    by_remainder = sorted(shapes, key=lambda name: (counts[name] - quotas[name], name))
-    for name in by_remainder[: max(0, total - sum(counts.values()))]:
-        counts[name] += 1
-    return counts
+    """PEFT's `proportional_parameters=True` split: each layer gets round(out*in / sum(out*in) * total),
+    and at least 1.
+
+    Same arithmetic as PEFT (float share, then Python's round), so the counts are PEFT's layer for
+    layer. The sum is near `total`, not equal to it: rounding is per layer, and the floor of one
+    coefficient adds to small layers' shares.
+    """
+    all_sizes = sum(out_features * in_features for out_features, in_features in shapes.values())
+    return {
+        name: max(1, round(out_features * in_features / all_sizes * total))
+        for name, (out_features, in_features) in shapes.items()
+    }
 
 
 def _capped(counts: dict[str, int], limits: dict[str, int], config: AdapterConfig, unit: str) -> dict[str, int]:

@@ -88,8 +88,27 @@ def read_adapter(path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict[str
             f"{path} has adapter format version {metadata.get('format_version')}; "
             f"this sparse-dreambooth reads version {FORMAT_VERSION}"
         )
-    config = AdapterConfig(**json.loads(metadata["adapter_config"]))
+    settings = _metadata_json(metadata, "adapter_config", path, dict)
+    try:
+        config = AdapterConfig(**settings)
+    except TypeError as error:  # a key this version does not know
+        raise UserError(
+            f"{path}: its 'adapter_config' metadata holds an unknown setting ({error}); the file is damaged"
+        ) from None
+    _metadata_json(metadata, "layers", path, dict)
     return config, tensors, metadata
+
+
+def _metadata_json(metadata: dict[str, str], key: str, path, kind: type):
+    """One JSON value of the file's metadata; damage is a UserError naming the file."""
+    try:
+        value = json.loads(metadata[key])
+    except (KeyError, ValueError) as error:
+        reason = "missing" if isinstance(error, KeyError) else f"not valid JSON ({error})"
+        raise UserError(f"{path}: its {key!r} metadata is {reason}; the file is damaged") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: its {key!r} metadata is not a JSON {kind.__name__}; the file is damaged")
+    return value
 
 
 def load_adapter(model: nn.Module, path, base_model: str | None = None) -> AdapterConfig:
@@ -108,7 +127,7 @@ def load_adapter(model: nn.Module, path, base_model: str | None = None) -> Adapt
             f"{path} was trained on base model {metadata.get('base_model')!r}, not {base_model!r}; "
             "load it onto the model it was trained on"
         )
-    stored_layers = json.loads(metadata["layers"])
+    stored_layers = _metadata_json(metadata, "layers", path, dict)
     linears = target_linears(model, config.targets)
     for name, shape in stored_layers.items():
         if name not in linears:

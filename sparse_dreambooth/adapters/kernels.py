@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from sparse_dreambooth.adapters.wavelets import AxisLayout, Footprints, footprint_index
+from sparse_dreambooth.adapters.wavelets import AxisLayout, Footprints
 
 # Tokens per SDDMM chunk: this many elements across the two filtered axes. A chunk (about 2 MiB
 # per operand in float32) stays in cache from its filtering to its sampled product, which measured
@@ -111,8 +111,9 @@ class SparsePlan:
     cols: AxisFilter
     touched: torch.Tensor  # (U,) sorted flat indices of the weight entries the delta can change
     touched_crow: torch.Tensor  # (out + 1,) CSR row pointers of `touched`
-    # One entry per tap that lands inside W (T <= p L^2), in the order of the entries they land
-    # on: its coefficient, that touched entry and its weight rec[row band][a] * rec[col band][b].
+    # One entry per tap that lands inside W (T <= p L^2), in (coefficient, row tap, column tap)
+    # order: its coefficient, the touched entry it lands on and its weight rec[row band][a] *
+    # rec[col band][b].
     tap_coefficient: torch.Tensor  # (T,)
     tap_entry: torch.Tensor  # (T,)
     tap_weight: torch.Tensor  # (T,) float64
@@ -121,12 +122,13 @@ class SparsePlan:
     sample_position: torch.Tensor  # (p,) CSR position of each coefficient
 
     def touched_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """The scaled delta at the touched entries, (U,), in the coefficients' dtype."""
+        """The scaled delta at the touched entries, (U,), in the coefficients' dtype.
+
+        Taps landing on one entry are summed in (coefficient, row tap, column tap) order.
+        """
         taps = coefficients.index_select(0, self.tap_coefficient)
         if self.rows.taps is not None:  # the identity's taps all weigh 1
             taps.mul_(self.tap_weight.to(coefficients.dtype))
-        if self.tap_entry.numel() == self.touched.numel():  # no two taps share an entry
-            return taps.mul_(self.scaling)
         delta = torch.zeros(self.touched.numel(), dtype=coefficients.dtype, device=coefficients.device)
         return delta.index_add_(0, self.tap_entry, taps, alpha=self.scaling)
 
@@ -148,10 +150,43 @@ class SparsePlan:
         return sampled.values().index_select(0, self.sample_position)
 
 
+def touched_entries(prints: Footprints, length: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Sorted flat indices of the weight entries some coefficient's patch covers.
+
+    Patch k covers rows row_start + [0, L) and columns col_start + [0, L), clipped to the weight.
+    Per row, the union of the column intervals of the patches crossing it is read off the
+    intervals sorted by start: O(p L log(p L)) plus one step per touched entry, never p L^2.
+    """
+    out_features, in_features = shape
+    device = prints.row_start.device
+    rows = prints.row_start[:, None] + torch.arange(length, device=device)  # (p, L)
+    first = prints.col_start.clamp(min=0)[:, None].expand_as(rows)
+    end = (prints.col_start + length).clamp(max=in_features)[:, None].expand_as(rows)
+    crossing = (rows >= 0) & (rows < out_features) & (end > first)
+    row, first, end = rows[crossing], first[crossing], end[crossing]
+    stride = in_features + 1  # keeps the rows apart in one sort key
+    order = torch.argsort(row * stride + first)
+    row, first, end = row[order], first[order], end[order]
+    # The furthest end reached so far in the same row (a running max that restarts per row,
+    # since every earlier row's keys are smaller); an interval adds only what lies past it.
+    reach = torch.cummax(row * stride + end, 0).values
+    before = torch.cat([reach.new_full((1,), -1), reach[:-1]]) - row * stride
+    start = torch.maximum(first, before.clamp(min=0))
+    added = (end - start).clamp(min=0)
+    segment = torch.repeat_interleave(torch.arange(added.numel(), device=device), added)
+    offset = torch.arange(segment.numel(), device=device) - (added.cumsum(0) - added)[segment]
+    return (row * in_features + start)[segment] + offset
+
+
 def build_plan(
     shape: tuple[int, int], prints: Footprints, filters: torch.Tensor, rows: AxisFilter, cols: AxisFilter
 ) -> dict[str, torch.Tensor]:
     """The index tensors of a SparsePlan, by field name (the adapter stores them as buffers).
+
+    Linear in the T taps kept, with no sort of them and nothing of full p L^2 patch size: the
+    taps stay in (coefficient, a, b) order, which for each touched entry is the order a stable
+    sort by entry gives, so the sums in `touched_delta` keep their bits. (Sorting and masking
+    every tap made a db38 layer take seconds to set up.)
 
     Args:
         prints: the coefficients' footprints.
@@ -159,11 +194,14 @@ def build_plan(
         rows, cols: the filters of the out and in axes.
     """
     length = filters.shape[1]
-    flat_index, inside = footprint_index(prints, length, shape)
-    weights = filters[prints.row_band][:, :, None] * filters[prints.col_band][:, None, :]  # (p, L, L)
-    coefficient = torch.arange(prints.row_start.numel(), device=inside.device)[:, None, None].expand_as(inside)
-    tap_order = torch.argsort(flat_index[inside], stable=True)
-    touched, tap_entry = flat_index[inside][tap_order].unique(return_inverse=True)
+    touched = touched_entries(prints, length, shape)
+    coefficient, entries, tap_weight = _taps_inside(prints, filters, shape)
+    if entries.numel() < shape[0] * shape[1]:
+        tap_entry = torch.searchsorted(touched, entries)
+    else:  # more taps than weight entries: a weight-sized lookup table is cheaper than searching
+        slot = torch.empty(shape[0] * shape[1], dtype=torch.long, device=touched.device)
+        slot[touched] = torch.arange(touched.numel(), device=touched.device)
+        tap_entry = slot.index_select(0, entries)
     row_slot = rows.slot_of(prints.row_start, prints.row_band)
     col_slot = cols.slot_of(prints.col_start, prints.col_band)
     order = torch.argsort(row_slot * cols.slots + col_slot)
@@ -172,13 +210,50 @@ def build_plan(
     return {
         "touched": touched,
         "touched_crow": _row_pointers(touched // shape[1], shape[0]),
-        "tap_coefficient": coefficient[inside][tap_order],
+        "tap_coefficient": coefficient,
         "tap_entry": tap_entry,
-        "tap_weight": weights[inside][tap_order].double(),
+        "tap_weight": tap_weight,
         "sample_crow": _row_pointers(row_slot, rows.slots),
         "sample_col": col_slot[order],
         "sample_position": sample_position,
     }
+
+
+def _taps_inside(prints: Footprints, filters: torch.Tensor, shape: tuple[int, int]):
+    """Every tap of every patch that lands inside the weight: its coefficient, flat weight entry
+    and float64 weight rec[row band][a] * rec[col band][b], in (coefficient, a, b) order.
+
+    Generated from each patch's clipped extent, first per patch row (at most p L of them), then
+    per tap, with a handful of passes over the T taps kept and none over full p L^2 patches.
+    """
+    length, device = filters.shape[1], prints.row_start.device
+    flat_filters = filters.double().reshape(-1)  # band, tap -> band * L + tap
+
+    def clipped(start: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (-start).clamp(min=0, max=length)  # first tap inside the weight
+        return first, ((size - start).clamp(min=0, max=length) - first).clamp(min=0)
+
+    def expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For items with `counts` children each: every child's item, and its index within it."""
+        item = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+        within = torch.arange(item.numel(), device=device) - (counts.cumsum(0) - counts).index_select(0, item)
+        return item, within
+
+    row_first, row_count = clipped(prints.row_start, shape[0])
+    col_first, col_count = clipped(prints.col_start, shape[1])
+    # Patch rows inside the weight (row tap a of coefficient k), then their taps (column tap b).
+    row_coefficient, row_within = expand(row_count)
+    row_tap = row_first.index_select(0, row_coefficient) + row_within
+    row_origin = (prints.row_start.index_select(0, row_coefficient) + row_tap) * shape[1] + (
+        prints.col_start + col_first
+    ).index_select(0, row_coefficient)
+    row_weight = flat_filters.index_select(0, prints.row_band.index_select(0, row_coefficient) * length + row_tap)
+    col_origin = (prints.col_band * length + col_first).index_select(0, row_coefficient)  # flat_filters index
+    tap_row, tap_within = expand(col_count.index_select(0, row_coefficient))
+    coefficient = row_coefficient.index_select(0, tap_row)
+    entries = row_origin.index_select(0, tap_row) + tap_within
+    col_weight = flat_filters.index_select(0, col_origin.index_select(0, tap_row) + tap_within)
+    return coefficient, entries, row_weight.index_select(0, tap_row) * col_weight
 
 
 def _row_pointers(rows: torch.Tensor, row_count: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ class AdaptedLinear(nn.Module):
         if touched is not None:
             # Keep the touched originals so unmerge restores the exact bits, not W + d - d.
             self._unmerge_values = weight.view(-1)[touched].clone()
-        weight += self.adapter.delta_weight().to(weight.dtype)
+        weight.copy_(_rounded_once(weight, self.adapter.delta_weight(), torch.add))
         self.merged = True
 
     @torch.no_grad()
@@ -72,11 +72,21 @@ class AdaptedLinear(nn.Module):
         weight = self.base.weight
         touched = self.adapter.touched_indices()
         if touched is None:
-            weight -= self.adapter.delta_weight().to(weight.dtype)
+            weight.copy_(_rounded_once(weight, self.adapter.delta_weight(), torch.sub))
         else:
             weight.view(-1)[touched] = self._unmerge_values
             self._unmerge_values = None
         self.merged = False
+
+
+def _rounded_once(weight: torch.Tensor, delta: torch.Tensor, operation) -> torch.Tensor:
+    """weight +/- delta formed in the wider dtype and rounded once to the weight's.
+
+    Casting the (float32) delta to a bf16/fp16 weight first would round twice: once for the delta,
+    once for the sum.
+    """
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    return operation(weight.to(wide), delta.to(wide)).to(weight.dtype)
 
 
 def matches_target(name: str, pattern: str) -> bool:

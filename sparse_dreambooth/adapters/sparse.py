@@ -47,9 +47,22 @@ class SparseAdapter(nn.Module):
         self.wavelet = wavelet
         self.coefficients = nn.Parameter(torch.zeros(positions.shape[1], device=positions.device))
         self.register_buffer("positions", positions.long())
-        self._derive_from_positions()
+        # Footprints and kernel indices are derived from the positions' values. On the meta device
+        # (sizing a model without memory) there are none: the positions become known when a state
+        # dict is loaded into real buffers, and everything is derived at first use after that.
+        self._positions_known = not self.positions.is_meta
+        self._derived = False
+        if self._positions_known:
+            self._derive_from_positions()
         # Loading a state dict may bring other positions: re-derive what depends on them.
-        self.register_load_state_dict_post_hook(lambda module, _: module._derive_from_positions())
+        self.register_load_state_dict_post_hook(lambda module, _: module._positions_loaded())
+
+    def _positions_loaded(self) -> None:
+        # Loaded into meta buffers, the values are dropped: the positions stay unknown.
+        self._positions_known = not self.positions.is_meta
+        self._derived = False
+        if self._positions_known:
+            self._derive_from_positions()
 
     def _derive_from_positions(self) -> None:
         """Footprints and kernel indices of the current positions, as buffers outside the state dict."""
@@ -63,11 +76,23 @@ class SparseAdapter(nn.Module):
         derived.update({f"_{name}": tensor for name, tensor in plan.items()})
         for name, tensor in derived.items():
             self.register_buffer(name, tensor, persistent=False)
+        self._derived = True
+
+    def _ensure_derived(self) -> None:
+        if self._derived:
+            return
+        if self.positions.is_meta or not self._positions_known:
+            raise RuntimeError(
+                "this sparse adapter was created on the meta device and has no positions yet: load its "
+                "state dict (or adapter file) into real buffers before using it"
+            )
+        self._derive_from_positions()
 
     def _footprints(self) -> Footprints:
         return Footprints(self._row_start, self._row_band, self._col_start, self._col_band)
 
     def _plan(self) -> kernels.SparsePlan:
+        self._ensure_derived()
         # Built once per set of buffers: moving the module to another device replaces them.
         cached = self.__dict__.get("_cached_plan")
         if cached is not None and cached.touched is self._touched and cached.scaling == self.scaling:
@@ -91,12 +116,14 @@ class SparseAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out x in) delta, in the coefficients' dtype."""
+        self._ensure_derived()
         values = self.coefficients * self.scaling
         filters = filter_bank(self.wavelet, values.dtype, values.device)
         return scatter_footprints(values, self._footprints(), filters, self.shape)
 
     def touched_indices(self) -> torch.Tensor:
         """Flat indices of the weight entries the delta can change (for a bit-exact unmerge)."""
+        self._ensure_derived()
         return self._touched
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
