@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DREAMBOOTH_ROOT
+from conftest import CONFIGS, FAST, FIXTURE_DATA, run_cli
 from PIL import Image
 from typer.testing import CliRunner
 
 from sparse_dreambooth import metrics
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--config", str(CONFIGS / "tiny.yaml"), "--resolution", "32", "--checkpoint-every", "0"]
-
-
-def run_cli(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
 
 # --- metric math against hand-computed values --------------------------------------------------------
 
@@ -455,6 +445,7 @@ def report_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_report_table_has_the_right_numbers(report_folder):
     import csv
 
@@ -477,6 +468,7 @@ def test_report_table_has_the_right_numbers(report_folder):
     assert markdown.index("| WaveFT |") < markdown.index("| LoRA |")
 
 
+@pytest.mark.slow
 def test_report_plots_and_grids_are_pngs_that_open(report_folder):
     out = report_folder / "plots"
     run_cli("report", str(report_folder / "runs"), "--out", str(out), "--rank-shapes", "16x24", "--resamples", "500")
@@ -523,9 +515,7 @@ def test_report_without_metrics_says_how_to_get_them(tmp_path):
 def _write_sweep(folder: Path, body: str) -> Path:
     path = folder / "sweep.yaml"
     path.write_text(
-        body.replace("OUTPUT", str(folder / "runs"))
-        .replace("CONFIGS", str(CONFIGS))
-        .replace("DATA", str(DREAMBOOTH_ROOT))
+        body.replace("OUTPUT", str(folder / "runs")).replace("CONFIGS", str(CONFIGS)).replace("DATA", str(FIXTURE_DATA))
     )
     return path
 
@@ -617,6 +607,7 @@ def test_sweep_rejects_bad_grids(tmp_path):
             load_sweep(tmp_path / "bad.yaml")
 
 
+@pytest.mark.slow
 def test_sweep_runs_train_sample_evaluate_report_and_resumes(tmp_path):
     path = _write_sweep(
         tmp_path,
