@@ -270,6 +270,7 @@ def evaluated_run(tmp_path_factory):
     return run, models, flags
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_a_per_image_csv(evaluated_run):
     import csv
 
@@ -292,6 +293,7 @@ def test_evaluate_writes_metrics_and_a_per_image_csv(evaluated_run):
     assert rows[0]["prompt"] == "a zjw toy in the jungle" and rows[0]["clip_prompt"] == "a toy in the jungle"
 
 
+@pytest.mark.slow
 def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
     """Recompute two per-image values straight from the saved models, by the protocol."""
     import csv
@@ -341,6 +343,7 @@ def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
     assert float(rows[0]["dino"]) == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_samples_folder_without_manifest_scores_the_same(evaluated_run, tmp_path):
     run, _, flags = evaluated_run
     loose = tmp_path / "loose"
@@ -354,6 +357,7 @@ def test_a_samples_folder_without_manifest_scores_the_same(evaluated_run, tmp_pa
     assert ours["metrics"] == pytest.approx(theirs["metrics"])
 
 
+@pytest.mark.slow
 def test_evaluate_offline_without_the_models_is_one_clear_error(evaluated_run):
     run, _, _ = evaluated_run
     result = CliRunner().invoke(app, ["evaluate", "--run", str(run)])

@@ -111,6 +111,7 @@ def test_lora_loads_with_diffusers_load_lora_weights(runs, tmp_path, name):
     assert_same_output(unet_output(pipe.unet), expected)
 
 
+@pytest.mark.slow
 def test_a_sparse_adapter_needs_rank_for_diffusers_and_its_svd_loads(runs, tmp_path):
     run, expected = runs["random-sparse"]
     with pytest.raises(UserError, match="--rank"):

@@ -82,6 +82,7 @@ def test_a_budget_larger_than_a_layer_is_refused_before_the_weights_load(tmp_pat
     assert not (tmp_path / "run" / "config.yaml").exists(), "the run started before the budget was checked"
 
 
+@pytest.mark.slow
 def test_unknown_or_mistyped_config_keys_suggest_the_closest(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  stepz: 10\n")
