@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONFIGS
 
 from sparse_dreambooth.config import (
     SECTIONS,
@@ -16,7 +17,6 @@ from sparse_dreambooth.config import (
 )
 from sparse_dreambooth.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
 
 

@@ -1,6 +1,7 @@
 """Tests for sparse_dreambooth.data and the `sparse-db data` commands.
 
-The real dataset is read from shared/dreambooth beside the repository (never copied in); the
+Real photos come from the committed fixture (three subjects, downscaled); the checks that need
+the whole dataset run where it is found ($SPARSE_DB_DATA) and skip, saying so, elsewhere. The
 download tests serve a small fake dataset from a local HTTP server.
 """
 
@@ -20,21 +21,20 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import FIXTURE_DATA, FIXTURE_SUBJECTS, run_subprocess
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from sparse_dreambooth import data
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
 
-DREAMBOOTH_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
-
 # ---------------------------------------------------------------------------------------------
-# The real dataset's prompts, classes and subjects
+# The dataset's prompts, classes and subjects (the fixture's prompts_and_classes.txt is the dataset's)
 
 
 def test_prompts_and_classes_parse_to_the_protocol():
-    classes, object_templates, live_templates = data.read_prompts_and_classes(DREAMBOOTH_ROOT)
+    classes, object_templates, live_templates = data.read_prompts_and_classes(FIXTURE_DATA)
     assert len(classes) == 30
     assert classes["dog6"] == "dog"
     assert classes["bear_plushie"] == "stuffed animal"
@@ -45,38 +45,58 @@ def test_prompts_and_classes_parse_to_the_protocol():
 
 
 def test_shipped_templates_equal_the_dataset_file():
-    _, object_templates, live_templates = data.read_prompts_and_classes(DREAMBOOTH_ROOT)
+    _, object_templates, live_templates = data.read_prompts_and_classes(FIXTURE_DATA)
     assert list(data.OBJECT_PROMPT_TEMPLATES) == object_templates
     assert list(data.LIVE_PROMPT_TEMPLATES) == live_templates
 
 
 def test_list_subjects_reads_classes_kinds_and_images():
-    subjects = data.list_subjects(DREAMBOOTH_ROOT)
+    # The fixture is a partial copy: its prompts_and_classes.txt names all 30, its folders three.
+    subjects = data.list_subjects(FIXTURE_DATA)
     names = [subject.name for subject in subjects]
-    assert names == sorted(names) and len(names) == 30
-    dog6 = data.get_subject(DREAMBOOTH_ROOT, "dog6")
+    assert names == sorted(names) and names == list(FIXTURE_SUBJECTS)
+    dog6 = data.get_subject(FIXTURE_DATA, "dog6")
     assert (dog6.class_name, dog6.kind) == ("dog", "live")
     assert [path.name for path in dog6.image_paths] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg", "04.jpg"]
-    assert data.get_subject(DREAMBOOTH_ROOT, "backpack").kind == "object"
+    assert data.get_subject(FIXTURE_DATA, "backpack").kind == "object"
     assert all(4 <= len(subject.image_paths) <= 6 for subject in subjects)  # the paper's 4-6 per subject
 
 
+def test_the_whole_dataset_has_30_subjects_of_4_to_6_photos(whole_dataset):
+    subjects = data.list_subjects(whole_dataset)
+    names = [subject.name for subject in subjects]
+    assert names == sorted(names) and len(names) == 30
+    assert all(4 <= len(subject.image_paths) <= 6 for subject in subjects)  # the paper's 4-6 per subject
+    result = CliRunner().invoke(app, ["data", "list", "--data-root", str(whole_dataset)])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 1 + 1 + 30  # header, demo, the dataset
+
+
+def test_a_subject_missing_from_a_partial_copy_says_how_to_get_all(tmp_path):
+    with pytest.raises(UserError, match="partial copy") as caught:
+        data.get_subject(FIXTURE_DATA, "cat2")
+    assert "sparse-db data download" in str(caught.value) and "dog6" in str(caught.value)
+    (tmp_path / data.PROMPTS_FILE).write_bytes((FIXTURE_DATA / data.PROMPTS_FILE).read_bytes())
+    with pytest.raises(UserError, match="none of its subject folders"):
+        data.list_subjects(tmp_path)
+
+
 def test_prompts_for_live_and_object_subjects():
-    dog6 = data.get_subject(DREAMBOOTH_ROOT, "dog6")
-    backpack = data.get_subject(DREAMBOOTH_ROOT, "backpack")
+    dog6 = data.get_subject(FIXTURE_DATA, "dog6")
+    backpack = data.get_subject(FIXTURE_DATA, "backpack")
     assert data.instance_prompt(dog6) == "a zjw dog"
     live_prompts = data.evaluation_prompts(dog6)
     assert len(live_prompts) == 25
     assert live_prompts[0] == "a zjw dog in the jungle"
     assert "a zjw dog wearing a santa hat" in live_prompts
-    object_prompts = data.evaluation_prompts(backpack, token="sks", root=DREAMBOOTH_ROOT)
+    object_prompts = data.evaluation_prompts(backpack, token="sks", root=FIXTURE_DATA)
     assert "a sks backpack on top of a mirror" in object_prompts
     assert not any("santa hat" in prompt for prompt in object_prompts)
 
 
 def test_unknown_subject_lists_the_known_ones():
     with pytest.raises(UserError, match="sparse-db data download") as caught:
-        data.get_subject(DREAMBOOTH_ROOT, "dgo6")
+        data.get_subject(FIXTURE_DATA, "dgo6")
     assert "dog6" in str(caught.value) and "demo" in str(caught.value)
 
 
@@ -210,7 +230,7 @@ def test_palette_transparency_goes_white(tmp_path):
 
 
 def test_real_photo_range_shape_and_sizes():
-    path = DREAMBOOTH_ROOT / "dog6" / "00.jpg"
+    path = FIXTURE_DATA / "dog6" / "00.jpg"
     prepared = data.prepare_image(path, 64)
     assert prepared.pixels.shape == (3, 64, 64) and prepared.pixels.dtype == torch.float32
     assert -1.0 <= prepared.pixels.min() < -0.5 and 0.5 < prepared.pixels.max() <= 1.0
@@ -503,11 +523,34 @@ def test_download_will_not_overwrite_other_files(tmp_path):
     assert (root / "thesis.tex").read_text() == "precious"
 
 
-def test_packaged_manifest_matches_the_shared_dataset():
+def test_packaged_manifest_matches_the_whole_dataset(whole_dataset):
     manifest = data._packaged_manifest()
-    on_disk = [path.relative_to(DREAMBOOTH_ROOT).as_posix() for path in DREAMBOOTH_ROOT.rglob("*") if path.is_file()]
+    on_disk = [path.relative_to(whole_dataset).as_posix() for path in whole_dataset.rglob("*") if path.is_file()]
     assert sorted(manifest) == sorted(on_disk)
-    assert manifest["dog6/00.jpg"] == hashlib.sha256((DREAMBOOTH_ROOT / "dog6" / "00.jpg").read_bytes()).hexdigest()
+    assert manifest["dog6/00.jpg"] == hashlib.sha256((whole_dataset / "dog6" / "00.jpg").read_bytes()).hexdigest()
+
+
+def test_the_fixture_is_small_credited_and_carries_the_dataset_s_prompts():
+    size = sum(path.stat().st_size for path in FIXTURE_DATA.rglob("*") if path.is_file())
+    assert size < 1_000_000, f"the committed fixture grew to {size} bytes"
+    credits = (FIXTURE_DATA / "CREDITS.md").read_text()
+    assert "CC BY 4.0" in credits and all(f"\n{name} (" in credits for name in FIXTURE_SUBJECTS)
+    assert "Attribution 4.0 International" in (FIXTURE_DATA / "LICENSE.md").read_text()
+    # The prompts file is the dataset's own, byte for byte, as the packaged manifest records it.
+    prompts = (FIXTURE_DATA / data.PROMPTS_FILE).read_bytes()
+    assert hashlib.sha256(prompts).hexdigest() == data._packaged_manifest()[data.PROMPTS_FILE]
+
+
+def test_the_fixture_photos_are_the_dataset_s_downscaled(whole_dataset):
+    for name in FIXTURE_SUBJECTS:
+        fixture_photos = sorted(path.name for path in (FIXTURE_DATA / name).iterdir())
+        assert fixture_photos == sorted(path.name for path in (whole_dataset / name).iterdir()), name
+        for photo in fixture_photos:
+            with Image.open(whole_dataset / name / photo) as original, Image.open(FIXTURE_DATA / name / photo) as small:
+                assert max(small.size) == 128
+                expected = np.asarray(ImageOps.exif_transpose(original).convert("RGB").resize(small.size), np.float64)
+                difference = np.abs(np.asarray(small.convert("RGB"), np.float64) - expected).mean()
+                assert difference < 8, (name, photo, difference)  # JPEG at quality 85 and the resampling filter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,23 +558,17 @@ def test_packaged_manifest_matches_the_shared_dataset():
 
 
 def test_data_list_shows_subjects_and_the_demo():
-    result = CliRunner().invoke(app, ["data", "list", "--data-root", str(DREAMBOOTH_ROOT)])
+    result = CliRunner().invoke(app, ["data", "list", "--data-root", str(FIXTURE_DATA)])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()}
     assert rows["dog6"][1:4] == ["dog", "live", "5"]
     assert rows["backpack"][1:3] == ["backpack", "object"]
     assert rows["demo"][1:4] == ["toy", "object", "4"] and "synthetic" in rows["demo"][4]
-    assert len(rows) == 1 + 1 + 30  # header, demo, the dataset
+    assert len(rows) == 1 + 1 + len(FIXTURE_SUBJECTS)  # header, demo, the subjects present
 
 
-def test_unknown_subject_is_one_line_and_exit_code_2():
-    command = [sys.executable, "-c", "from sparse_dreambooth.cli import main; main()"]
-    result = subprocess.run(
-        [*command, "data", "show", "no_such_subject", "--data-root", str(DREAMBOOTH_ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_unknown_subject_is_one_line_and_exit_code_2(tmp_path):
+    result = run_subprocess("data", "show", "no_such_subject", "--data-root", FIXTURE_DATA, cache=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("sparse-db: error: unknown subject 'no_such_subject'")
@@ -543,7 +580,7 @@ def test_data_commands_do_not_import_torch():
         "from typer.testing import CliRunner\n"
         "from sparse_dreambooth.cli import app\n"
         "assert 'PIL' not in sys.modules, 'importing the CLI loaded PIL'\n"
-        f"result = CliRunner().invoke(app, ['data', 'list', '--data-root', {str(DREAMBOOTH_ROOT)!r}])\n"
+        f"result = CliRunner().invoke(app, ['data', 'list', '--data-root', {str(FIXTURE_DATA)!r}])\n"
         "assert result.exit_code == 0, result.output\n"
         "assert 'torch' not in sys.modules, 'sparse-db data list loaded torch'\n"
     )

@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DREAMBOOTH_ROOT
+from conftest import CONFIGS, FAST, FIXTURE_DATA, run_cli
 from PIL import Image
 from typer.testing import CliRunner
 
 from sparse_dreambooth import metrics
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--config", str(CONFIGS / "tiny.yaml"), "--resolution", "32", "--checkpoint-every", "0"]
-
-
-def run_cli(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
 
 # --- metric math against hand-computed values --------------------------------------------------------
 
@@ -280,6 +270,7 @@ def evaluated_run(tmp_path_factory):
     return run, models, flags
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_a_per_image_csv(evaluated_run):
     import csv
 
@@ -302,6 +293,7 @@ def test_evaluate_writes_metrics_and_a_per_image_csv(evaluated_run):
     assert rows[0]["prompt"] == "a zjw toy in the jungle" and rows[0]["clip_prompt"] == "a toy in the jungle"
 
 
+@pytest.mark.slow
 def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
     """Recompute two per-image values straight from the saved models, by the protocol."""
     import csv
@@ -351,6 +343,7 @@ def test_clip_t_and_dino_match_a_direct_computation(evaluated_run):
     assert float(rows[0]["dino"]) == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_samples_folder_without_manifest_scores_the_same(evaluated_run, tmp_path):
     run, _, flags = evaluated_run
     loose = tmp_path / "loose"
@@ -364,6 +357,7 @@ def test_a_samples_folder_without_manifest_scores_the_same(evaluated_run, tmp_pa
     assert ours["metrics"] == pytest.approx(theirs["metrics"])
 
 
+@pytest.mark.slow
 def test_evaluate_offline_without_the_models_is_one_clear_error(evaluated_run):
     run, _, _ = evaluated_run
     result = CliRunner().invoke(app, ["evaluate", "--run", str(run)])
@@ -455,6 +449,7 @@ def report_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_report_table_has_the_right_numbers(report_folder):
     import csv
 
@@ -477,6 +472,7 @@ def test_report_table_has_the_right_numbers(report_folder):
     assert markdown.index("| WaveFT |") < markdown.index("| LoRA |")
 
 
+@pytest.mark.slow
 def test_report_plots_and_grids_are_pngs_that_open(report_folder):
     out = report_folder / "plots"
     run_cli("report", str(report_folder / "runs"), "--out", str(out), "--rank-shapes", "16x24", "--resamples", "500")
@@ -523,9 +519,7 @@ def test_report_without_metrics_says_how_to_get_them(tmp_path):
 def _write_sweep(folder: Path, body: str) -> Path:
     path = folder / "sweep.yaml"
     path.write_text(
-        body.replace("OUTPUT", str(folder / "runs"))
-        .replace("CONFIGS", str(CONFIGS))
-        .replace("DATA", str(DREAMBOOTH_ROOT))
+        body.replace("OUTPUT", str(folder / "runs")).replace("CONFIGS", str(CONFIGS)).replace("DATA", str(FIXTURE_DATA))
     )
     return path
 
@@ -617,6 +611,7 @@ def test_sweep_rejects_bad_grids(tmp_path):
             load_sweep(tmp_path / "bad.yaml")
 
 
+@pytest.mark.slow
 def test_sweep_runs_train_sample_evaluate_report_and_resumes(tmp_path):
     path = _write_sweep(
         tmp_path,

@@ -8,25 +8,22 @@ from_pretrained for merged folders. Outputs are compared numerically on fixed UN
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, cli_error, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from sparse_dreambooth import adapters
-from sparse_dreambooth.cli import app
 from sparse_dreambooth.config import dump_yaml, merge_settings
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.export import export_adapter, import_adapter, peft_wavelets
 from sparse_dreambooth.files import write_safetensors
 from sparse_dreambooth.model import load_pipeline, model_identity, tiny_pipeline_path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_BASE = "tiny-sdxl-v1-seed0"
 # The tiny UNet's 136 attention projections include, in kohya's documented naming
 # (lora_unet_ + the diffusers module name with dots as underscores):
@@ -41,18 +38,6 @@ RUNS = {
     "waveft": {"wavelet": "db2", "allocation": "proportional", "budget_scale": 1.5},  # per-layer counts
     "random-sparse": {},
 }
-
-
-def run_cli(*args) -> str:
-    result = CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def cli_error(*args) -> str:
-    result = CliRunner().invoke(app, [str(arg) for arg in args])
-    assert isinstance(result.exception, UserError), result.output
-    return str(result.exception)
 
 
 def fresh_unet():
@@ -126,6 +111,7 @@ def test_lora_loads_with_diffusers_load_lora_weights(runs, tmp_path, name):
     assert_same_output(unet_output(pipe.unet), expected)
 
 
+@pytest.mark.slow
 def test_a_sparse_adapter_needs_rank_for_diffusers_and_its_svd_loads(runs, tmp_path):
     run, expected = runs["random-sparse"]
     with pytest.raises(UserError, match="--rank"):
@@ -227,6 +213,7 @@ def test_kohya_full_diffs_are_the_exact_weight_differences(runs, tmp_path):
     assert_same_output(unet_output(unet), expected)
 
 
+@pytest.mark.slow
 def test_kohya_svd_approximation_reports_its_error(runs, tmp_path):
     run, expected = runs["waveft"]
     errors = {}
@@ -256,6 +243,7 @@ def test_kohya_svd_approximation_reports_its_error(runs, tmp_path):
 # --- merged --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,pipeline", [("waveft", False), ("lora", True)])
 def test_merged_folder_loads_with_from_pretrained(runs, tmp_path, method, pipeline):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -307,6 +295,7 @@ def peft_adapter(method: str):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(RUNS))
 def test_peft_trained_adapter_imports_and_samples_the_same(tmp_path, method):
     from diffusers import DPMSolverMultistepScheduler
@@ -345,6 +334,7 @@ def test_peft_trained_adapter_imports_and_samples_the_same(tmp_path, method):
     assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.slow
 def test_a_trained_run_goes_to_peft_through_the_cli(tmp_path):
     from peft import PeftModel
 

@@ -1,61 +1,28 @@
-"""Bad input, interruption and resume, case by case (the reliability issue's numbering).
+"""Bad input, interruption and resume, one behaviour per test.
 
 Input mistakes must give one line on stderr, exit code 2 and no traceback, before any model
 loads (the per-test cache stays empty: the tiny model was never built). Runs that are stopped,
 killed or resumed are real subprocesses on the tiny model; resumed runs must end bit-identical
 to an uninterrupted one.
 
-Cases covered elsewhere: 5 and 6 (image modes, EXIF) and 18 (unsafe or corrupt archives) in
-test_data.py, with the end-to-end folder test below also training on such images.
+Covered elsewhere: image modes and EXIF rotation, and unsafe or corrupt archives, in test_data.py
+(the messy-folder test below also trains on such images).
 """
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DREAMBOOTH_ROOT
+from conftest import FAST, FIXTURE_DATA, assert_user_error, run_cli, run_subprocess
 from PIL import Image
-from typer.testing import CliRunner
 
 from sparse_dreambooth import adapters
-from sparse_dreambooth.cli import app
 from sparse_dreambooth.errors import UserError
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--config", str(CONFIGS / "tiny.yaml"), "--resolution", "32", "--checkpoint-every", "0"]
-
-
-def cli(*args, cache: Path, wait=True):
-    """`sparse-db ARGS` in a subprocess with its own model cache."""
-    environment = {**os.environ, "SPARSE_DB_CACHE": str(cache)}
-    command = [sys.executable, "-m", "sparse_dreambooth", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-
-
-def assert_user_error(result, *fragments, cache: Path | None = None):
-    """Exit 2, one line naming the fix, no traceback; and no model was built."""
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("sparse-db: error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    if cache is not None:
-        assert not list(cache.glob("tiny-sdxl-*")), "a model was loaded before the input was checked"
-
-
-def run_in_process(*args):
-    result = CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def photo(path: Path, size=(48, 40), mode="RGB", colour=(200, 80, 40)):
@@ -63,27 +30,32 @@ def photo(path: Path, size=(48, 40), mode="RGB", colour=(200, 80, 40)):
     return path
 
 
-# --- 1-4, 8-12: input checked before any model loads ----------------------------------------
+# --- input checked before any model loads --------------------------------------------------
 
 
-def test_01_unknown_subject_lists_the_known_ones_and_how_to_download(tmp_path):
-    result = cli("train", *FAST, "--subject", "dogg", "--data-root", DREAMBOOTH_ROOT, cache=tmp_path)
+@pytest.mark.slow
+def test_an_unknown_subject_lists_the_known_ones_and_how_to_download(tmp_path):
+    result = run_subprocess("train", *FAST, "--subject", "dogg", "--data-root", FIXTURE_DATA, cache=tmp_path)
     assert_user_error(result, "unknown subject 'dogg'", "dog6", "sparse-db data download", cache=tmp_path)
 
 
-def test_02_empty_folder(tmp_path):
+@pytest.mark.slow
+def test_an_empty_photo_folder_is_refused(tmp_path):
     (tmp_path / "photos").mkdir()
-    result = cli("train", *FAST, "--instance-dir", tmp_path / "photos", "--class-name", "dog", cache=tmp_path)
+    result = run_subprocess(
+        "train", *FAST, "--instance-dir", tmp_path / "photos", "--class-name", "dog", cache=tmp_path
+    )
     assert_user_error(result, "no images", cache=tmp_path)
 
 
-def test_04_truncated_jpeg_is_named(tmp_path):
+@pytest.mark.slow
+def test_a_truncated_jpeg_is_named(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     photo(folder / "good.jpg")
     broken = photo(folder / "broken.jpg", size=(200, 200))
     broken.write_bytes(broken.read_bytes()[:300])
-    result = cli("train", *FAST, "--instance-dir", folder, "--class-name", "dog", cache=tmp_path)
+    result = run_subprocess("train", *FAST, "--instance-dir", folder, "--class-name", "dog", cache=tmp_path)
     assert_user_error(result, "broken.jpg", cache=tmp_path)
 
 
@@ -96,45 +68,56 @@ def test_04_truncated_jpeg_is_named(tmp_path):
         (["--budget", "-3"], "budget must be a positive"),
     ],
 )
-def test_08_09_bad_method_wavelet_or_budget(tmp_path, flags, message):
-    result = cli("train", *FAST, "--subject", "demo", *flags, cache=tmp_path)
+def test_a_bad_method_wavelet_or_budget_is_named(tmp_path, flags, message):
+    result = run_subprocess("train", *FAST, "--subject", "demo", *flags, cache=tmp_path)
     assert_user_error(result, message, cache=tmp_path)
 
 
-def test_09_budget_larger_than_a_layer_is_refused_before_the_weights_load(tmp_path):
-    result = cli(
+@pytest.mark.slow
+def test_a_budget_larger_than_a_layer_is_refused_before_the_weights_load(tmp_path):
+    result = run_subprocess(
         "train", *FAST, "--subject", "demo", "--budget", "100000", "--output", tmp_path / "run", cache=tmp_path
     )
     assert_user_error(result, "does not fit layer", "cap_budget")
     assert not (tmp_path / "run" / "config.yaml").exists(), "the run started before the budget was checked"
 
 
-def test_10_unknown_or_mistyped_config_keys_suggest_the_closest(tmp_path):
+@pytest.mark.slow
+def test_unknown_or_mistyped_config_keys_suggest_the_closest(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  stepz: 10\n")
     assert_user_error(
-        cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "train.stepz", "'steps'", cache=tmp_path
+        run_subprocess("train", "--config", recipe, "--subject", "demo", cache=tmp_path),
+        "train.stepz",
+        "'steps'",
+        cache=tmp_path,
     )
     recipe.write_text("adapter:\n  steps: 10\n")
     assert_user_error(
-        cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "belongs in section 'train'"
+        run_subprocess("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "belongs in section 'train'"
     )
     recipe.write_text("train:\n  steps: ten\n")
-    assert_user_error(cli("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "steps must be int")
-    flag = cli("train", "--subject", "demo", "--lrr", "1", cache=tmp_path)
+    assert_user_error(
+        run_subprocess("train", "--config", recipe, "--subject", "demo", cache=tmp_path), "steps must be int"
+    )
+    flag = run_subprocess("train", "--subject", "demo", "--lrr", "1", cache=tmp_path)
     assert flag.returncode == 2 and "--lr" in flag.stderr and "Traceback" not in flag.stderr
 
 
-def test_11_a_finished_run_is_refused_without_overwrite_or_resume(tmp_path):
+@pytest.mark.slow
+def test_a_finished_run_is_refused_without_overwrite_or_resume(tmp_path):
     run = tmp_path / "run"
-    run_in_process("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run)
-    result = cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run, cache=tmp_path)
+    run_cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run)
+    result = run_subprocess("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run, cache=tmp_path)
     assert_user_error(result, "finished run", "--overwrite", cache=tmp_path)
 
 
-def test_12_a_second_run_on_a_busy_folder_is_refused(tmp_path):
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
     run = tmp_path / "run"
-    first = cli("train", *FAST, "--subject", "demo", "--steps", "100000", "--output", run, cache=tmp_path, wait=False)
+    first = run_subprocess(
+        "train", *FAST, "--subject", "demo", "--steps", "100000", "--output", run, cache=tmp_path, wait=False
+    )
     try:
         deadline = time.time() + 120
         while not (run / "config.yaml").exists():
@@ -142,7 +125,7 @@ def test_12_a_second_run_on_a_busy_folder_is_refused(tmp_path):
                 first.stderr.read() if first.poll() is not None else "timeout"
             )
             time.sleep(0.2)
-        second = cli(
+        second = run_subprocess(
             "train", *FAST, "--subject", "demo", "--steps", "1", "--output", run, "--overwrite", cache=tmp_path
         )
         assert_user_error(second, "another run", f"pid {first.pid}")
@@ -151,10 +134,11 @@ def test_12_a_second_run_on_a_busy_folder_is_refused(tmp_path):
         first.wait()
 
 
-# --- 3, 5, 6, 7: messy photo folders train -------------------------------------------------
+# --- messy photo folders train ----------------------------------------------------------------
 
 
-def test_03_05_06_07_messy_folder_is_cleaned_up_with_notes(tmp_path):
+@pytest.mark.slow
+def test_a_messy_photo_folder_is_cleaned_up_with_notes(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     photo(folder / "cmyk.jpg", mode="CMYK")
@@ -169,7 +153,7 @@ def test_03_05_06_07_messy_folder_is_cleaned_up_with_notes(tmp_path):
     photo(folder / "tiny.jpg", size=(16, 16))
     (folder / "notes.txt").write_text("not a photo")
     run = tmp_path / "run"
-    result = cli(
+    result = run_subprocess(
         "train", *FAST, "--instance-dir", folder, "--class-name", "dog", "--steps", "1", "--output", run, cache=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,12 +163,12 @@ def test_03_05_06_07_messy_folder_is_cleaned_up_with_notes(tmp_path):
     assert json.loads((run / "run.json").read_text())["subject"]["images"] == 7
 
 
-# --- 13-16: during and after a run -----------------------------------------------------------
+# --- during and after a run ---------------------------------------------------------------
 
 
 def uninterrupted(tmp_path, steps):
     run = tmp_path / "uninterrupted"
-    run_in_process("train", *FAST, "--subject", "demo", "--steps", steps, "--output", run)
+    run_cli("train", *FAST, "--subject", "demo", "--steps", steps, "--output", run)
     return adapters.read_adapter(run / "adapter.safetensors")[1]
 
 
@@ -195,9 +179,10 @@ def assert_same_adapter(run: Path, expected: dict):
         assert torch.equal(actual[name], expected[name]), name
 
 
-def test_13_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
-    result = cli(
+    result = run_subprocess(
         "train",
         *FAST,
         "--subject",
@@ -227,12 +212,13 @@ def wait_for(predicate, process, timeout=180):
         time.sleep(0.001)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_14_16_a_signal_checkpoints_and_resume_latest_ends_bit_exact(tmp_path, signum):
+def test_a_signal_checkpoints_and_resume_latest_ends_bit_exact(tmp_path, signum):
     steps = 60
     run = tmp_path / "run"
     args = ["train", *FAST, "--subject", "demo", "--steps", steps, "--output", run]
-    process = cli(*args, cache=tmp_path, wait=False)
+    process = run_subprocess(*args, cache=tmp_path, wait=False)
     wait_for(lambda: (run / "logs").exists(), process)  # training has started
     time.sleep(1.0)
     process.send_signal(signum)
@@ -243,17 +229,18 @@ def test_14_16_a_signal_checkpoints_and_resume_latest_ends_bit_exact(tmp_path, s
     assert len(stopped) == 1 and not (run / "adapter.safetensors").exists()
     assert int(stopped[0].split("-")[1]) < steps
 
-    resumed = cli(*args, "--resume", "latest", cache=tmp_path)
+    resumed = run_subprocess(*args, "--resume", "latest", cache=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["steps"] == steps
     assert_same_adapter(run, uninterrupted(tmp_path, steps))
 
 
-def test_15_16_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     steps = 40
     run = tmp_path / "run"
     args = ["train", *FAST, "--subject", "demo", "--steps", steps, "--checkpoint-every", "1", "--output", run]
-    process = cli(*args, cache=tmp_path, wait=False)
+    process = run_subprocess(*args, cache=tmp_path, wait=False)
     checkpoints = run / "checkpoints"
 
     def writing_a_later_checkpoint() -> bool:
@@ -276,18 +263,18 @@ def test_15_16_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path
         }
         adapters.read_adapter(path / "adapter.safetensors")
 
-    resumed = cli(*args, "--resume", "latest", cache=tmp_path)
+    resumed = run_subprocess(*args, "--resume", "latest", cache=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_adapter(run, uninterrupted(tmp_path, steps))
 
 
-# --- 17: adapter files that do not fit --------------------------------------------------------
+# --- adapter files that do not fit ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("adapter") / "run"
-    run_in_process("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run)
+    run_cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", run)
     return run
 
 
@@ -312,7 +299,8 @@ def fresh_unet():
     return load_pipeline("tiny").unet
 
 
-def test_17_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, tmp_path):
+@pytest.mark.slow
+def test_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, tmp_path):
     import shutil
 
     run = shutil.copytree(trained_run, tmp_path / "run")
@@ -321,7 +309,9 @@ def test_17_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, 
         run / "adapter.safetensors",
         edit_metadata=lambda metadata: metadata.update(base_model="stabilityai/other@main"),
     )
-    result = cli("sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "x", cache=tmp_path)
+    result = run_subprocess(
+        "sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "x", cache=tmp_path
+    )
     assert_user_error(result, "stabilityai/other@main", "tiny-sdxl")
 
 
@@ -339,14 +329,14 @@ def test_17_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, 
         ),
     ],
 )
-def test_17_missing_extra_or_misshaped_tensors_are_named(trained_run, tmp_path, damage, message):
+def test_missing_extra_or_misshaped_tensors_are_named(trained_run, tmp_path, damage, message):
     path = rewrite(trained_run / "adapter.safetensors", tmp_path / "damaged.safetensors", edit_tensors=damage)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
         adapters.load_adapter(fresh_unet(), path)
     assert "down_blocks" in str(caught.value) or "up_blocks" in str(caught.value) or "mid_block" in str(caught.value)
 
 
-def test_17_a_truncated_adapter_file_is_refused(trained_run, tmp_path):
+def test_a_truncated_adapter_file_is_refused(trained_run, tmp_path):
     path = tmp_path / "truncated.safetensors"
     path.write_bytes((trained_run / "adapter.safetensors").read_bytes()[:-100])
     with pytest.raises(UserError, match="truncated"):

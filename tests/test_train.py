@@ -6,81 +6,17 @@ freshly loaded UNet, never the training loop's own view of itself.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DREAMBOOTH_ROOT
+from conftest import FAST, FIXTURE_DATA, launch, run_cli, run_subprocess
 from PIL import Image
 from typer.testing import CliRunner
 
 from sparse_dreambooth import adapters
 from sparse_dreambooth.cli import app
 from sparse_dreambooth.model import load_pipeline
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--config", str(CONFIGS / "tiny.yaml"), "--resolution", "32", "--checkpoint-every", "0"]
-
-
-def run_cli(*args: str) -> None:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, read from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        children = parents.get(frontier.pop(), [])
-        found += children
-        frontier += children
-    return found
-
-
-def launch(*args: str, processes: int = 2) -> None:
-    """The CLI under `accelerate launch` with two gloo processes on the CPU."""
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        f"--num_processes={processes}",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        "--main_process_port=0",  # a free port: never meet another job's rendezvous on the default 29500
-        "-m",
-        "sparse_dreambooth",
-        *args,
-    ]
-    # PYTHONFAULTHANDLER: if the launch hangs, SIGABRT makes every process print each thread's stack,
-    # so a failure says where it stuck instead of only that it timed out.
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        for pid in descendants(process.pid):  # the workers, each in a session of its own
-            os.kill(pid, signal.SIGABRT)
-        try:
-            _, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # the launcher itself is stuck
-            process.send_signal(signal.SIGABRT)
-            _, stderr = process.communicate()
-        pytest.fail(f"launch hung; stacks at SIGABRT:\n{stderr[-12000:]}")
-    assert process.returncode == 0, stderr[-3000:]
 
 
 def denoising_loss(unet, pipe, image_paths, resolution, draws=48) -> float:
@@ -110,6 +46,7 @@ def denoising_loss(unet, pipe, image_paths, resolution, draws=48) -> float:
     return float(np.mean(losses))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_denoising_loss_on_the_subject(tmp_path):
     run = tmp_path / "run"
     run_cli("train", *FAST, "--resolution", "64", "--subject", "demo", "--output", str(run))
@@ -127,7 +64,11 @@ def test_training_lowers_the_denoising_loss_on_the_subject(tmp_path):
     assert after < 0.95 * before, (before, after)
 
 
-@pytest.mark.parametrize("method", ["waveft", "random-sparse", "lora"])
+# One method on real photos in the quick loop; the other two in the full suite.
+@pytest.mark.parametrize(
+    "method",
+    ["waveft", pytest.param("random-sparse", marks=pytest.mark.slow), pytest.param("lora", marks=pytest.mark.slow)],
+)
 def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
     run = tmp_path / method
     run_cli(
@@ -136,7 +77,7 @@ def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
         "--subject",
         "dog6",
         "--data-root",
-        str(DREAMBOOTH_ROOT),
+        FIXTURE_DATA,
         "--method",
         method,
         "--steps",
@@ -170,6 +111,7 @@ def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
     assert Image.open(run / "samples" / "prompt_00_sample_0_seed_42.png").size == (32, 32)
 
 
+@pytest.mark.slow
 def test_sample_renders_what_the_unmerged_adapter_renders(tmp_path):
     # `sample` merges the adapter into plain nn.Linear weights; the oracle renders the same image
     # through the adapter layers' own forward (weights untouched) and must agree to the pixel.
@@ -205,6 +147,7 @@ def test_sample_renders_what_the_unmerged_adapter_renders(tmp_path):
     assert np.abs(base - expected).mean() > 1, "the adapter must change the image"
 
 
+@pytest.mark.slow
 def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
     run = tmp_path / "run"
     run_cli("train", *FAST, "--subject", "demo", "--steps", "1", "--output", str(run))
@@ -221,6 +164,7 @@ def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
     assert len(list((run / "samples").glob("*.png"))) == 50
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_gives_identical_bytes(tmp_path):
     run = tmp_path / "run"
     files = []
@@ -248,6 +192,7 @@ def test_the_same_command_twice_gives_identical_bytes(tmp_path):
         assert files[0][name] == files[1][name], name
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = [*FAST, "--subject", "demo", "--checkpoint-every", "2"]
@@ -265,6 +210,8 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_pa
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_and_sample(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     # Two processes with batch 1 each see the same global batch as one process with batch 2.
@@ -310,6 +257,7 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path):
     assert result.exit_code != 0 and "--overwrite" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_validation_images_and_flipped_examples(tmp_path):
     run = tmp_path / "run"
     run_cli(
@@ -328,3 +276,39 @@ def test_validation_images_and_flipped_examples(tmp_path):
     for step in (1, 2):
         assert Image.open(run / "validation" / f"step-{step}.png").size == (32, 32)
     assert json.loads((run / "run.json").read_text())["steps"] == 2
+
+
+# What diffusers, transformers and the Hub print on their own when nobody silences them.
+THIRD_PARTY_NOISE = [
+    "Loading pipeline components",
+    "Loading weights",
+    "Writing model shards",
+    "Fetching",
+    "it/s]",  # any tqdm bar in the default unit: ours count step/s and batch/s
+    "torchvision",
+    "Siglip",
+    "Traceback",
+]
+
+
+@pytest.mark.slow
+def test_a_run_shows_our_progress_and_messages_only(tmp_path):
+    # As a user's first run: a fresh cache, so the tiny model is built and saved here too.
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    train = run_subprocess("train", *FAST, "--subject", "demo", "--steps", "2", "--output", run, cache=cache)
+    sample = run_subprocess(
+        "sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "a zjw toy", cache=cache
+    )
+    expected = [
+        (train, "train:", f"adapter written to {run / 'adapter.safetensors'}"),
+        (sample, "sample:", f"1 images in {run / 'samples'}"),
+    ]
+    for result, bar, message in expected:
+        assert result.returncode == 0, result.stderr[-3000:]
+        output = result.stdout + result.stderr
+        for noise in THIRD_PARTY_NOISE:
+            assert noise not in output, f"{noise!r} in:\n{output[-3000:]}"
+        lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+        assert any(line.startswith(bar) for line in lines), output[-3000:]
+        # Besides our bar and our warnings, exactly our one closing message.
+        assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == [message], output

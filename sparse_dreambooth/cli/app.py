@@ -4,7 +4,6 @@ Kept import-light: `sparse-db --help` must not import torch, so every command im
 modules inside its body.
 """
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from sparse_dreambooth import __version__
 from sparse_dreambooth.cli.data import data_app
 from sparse_dreambooth.cli.evaluate import evaluate_command, report_command, sweep_command
 from sparse_dreambooth.cli.export import IMPORT_HELP, export_command, import_command
+from sparse_dreambooth.cli.quiet import silence_third_party_output
 from sparse_dreambooth.cli.train import TRAIN_HELP, sample_command, train_command
 from sparse_dreambooth.errors import UserError
 
@@ -67,8 +67,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2, with no traceback."""
-    # transformers warns at import about optional image backends we never use.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    silence_third_party_output()
     warnings.formatwarning = _format_warning
     try:
         app()

@@ -198,18 +198,24 @@ def _image_files(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
 
 
 def list_subjects(root: str | os.PathLike) -> list[Subject]:
-    """The dataset's subjects, sorted by name (the demo subject is not among them).
+    """The dataset's subjects present under `root`, sorted by name (the demo subject is not among them).
+
+    A copy holding only some subjects' folders (such as the tests' small fixture) lists just those;
+    `prompts_and_classes.txt` may still name all 30.
 
     Args:
         root: The dataset folder.
 
     Raises:
-        UserError: The dataset is missing, or a subject's folder is missing or has no images.
+        UserError: The dataset is missing, has no subject folder at all, or a subject's folder has
+            no images.
     """
     root = pathlib.Path(root).expanduser()
     classes, _, _ = read_prompts_and_classes(root)
     subjects = []
     for name in sorted(classes):
+        if not (root / name).exists():
+            continue
         images = _image_files(root / name)
         if not images:
             raise UserError(
@@ -217,6 +223,11 @@ def list_subjects(root: str | os.PathLike) -> list[Subject]:
                 "is incomplete; delete it and run `sparse-db data download` again"
             )
         subjects.append(Subject(name, classes[name], _kind_of(classes[name]), images))
+    if not subjects:
+        raise UserError(
+            f"the dataset at {root} has {PROMPTS_FILE} but none of its subject folders; "
+            "delete it and run `sparse-db data download` again"
+        )
     return subjects
 
 
@@ -235,6 +246,11 @@ def get_subject(root: str | os.PathLike | None, name: str) -> Subject:
     if root is None:
         raise UserError(_missing_dataset_message(resolve_data_root(None)))
     subjects = {subject.name: subject for subject in list_subjects(root)}
+    if name not in subjects and name in read_prompts_and_classes(root)[0]:
+        raise UserError(
+            f"subject {name!r} is not in the partial copy of the dataset at {root} (it holds "
+            f"{', '.join(subjects)}); fetch all 30 with `sparse-db data download`"
+        )
     if name not in subjects:
         raise UserError(
             f"unknown subject {name!r}; known subjects: {', '.join([DEMO_SUBJECT, *subjects])} "
