@@ -11,12 +11,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from sparse_dreambooth.adapters.budget import lora_ranks, sparse_budgets
 from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
 from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
-from sparse_dreambooth.methods import Adapter
+from sparse_dreambooth.methods import Adapter, method_of
 
 
 class AdaptedLinear(nn.Module):
@@ -117,16 +116,17 @@ def build_adapters(
             drawn from `config.adapter_seed` as PEFT does.
     """
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-    if config.method == "lora":
+    method = method_of(config)
+    budgets = method.layer_budgets(config, shapes)
+    if method.low_rank:
         generator = torch.Generator().manual_seed(config.adapter_seed)
         return {
             name: LoraAdapter(shapes[name], rank, config.alpha or rank, generator, device=linears[name].weight.device)
-            for name, rank in lora_ranks(config, shapes).items()
+            for name, rank in budgets.items()
         }
-    wavelet = config.wavelet if config.method == "waveft" else None
     drawn: dict[tuple, torch.Tensor] = {}  # same seed for every layer: same-shaped layers share a draw
     adapters = {}
-    for name, count in sparse_budgets(config, shapes).items():
+    for name, count in budgets.items():
         if positions is not None:
             layer_positions = positions[name]
         else:
@@ -135,7 +135,7 @@ def build_adapters(
                 drawn[key] = random_positions(shapes[name], count, config.adapter_seed)
             layer_positions = drawn[key].clone()
         adapters[name] = SparseAdapter(
-            shapes[name], layer_positions.to(linears[name].weight.device), config.scaling, wavelet
+            shapes[name], layer_positions.to(linears[name].weight.device), config.scaling, method.wavelet(config)
         )
     return adapters
 
