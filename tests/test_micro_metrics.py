@@ -139,6 +139,19 @@ def test_clip_t_prefers_the_right_context_and_class_for_a_subject(models):
     assert similarity[0] > similarity[1] and similarity[0] > similarity[2], similarity
 
 
+def test_the_subjects_class_is_recognised_despite_colours_no_training_instance_had(models, photos):
+    images, labels = photos
+    classes = list(world.CLASSES)
+    similarity = metric_proofs.cosine(
+        models.dual.embed_images(images), models.dual.embed_texts([f"a photo of a {name}" for name in classes])
+    )
+    names = sorted(MICRO_SUBJECTS)
+    truth = [classes.index(MICRO_SUBJECTS[names[label]].class_name) for label in labels]
+    accuracy = float(np.mean(similarity.argmax(axis=1) == np.asarray(truth)))
+    assert accuracy > 0.6  # chance is 1/13
+    assert metric_proofs.subject_class_accuracy(models, images, labels)["top1"] == pytest.approx(accuracy)
+
+
 def test_cmmd_is_smaller_between_two_photo_sets_of_one_subject_than_across_subjects(models):
     first, second = subject_photos("heart_teapot"), subject_photos("star_can")
     rng = np.random.default_rng(0)

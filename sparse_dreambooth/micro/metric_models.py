@@ -16,7 +16,10 @@ against the sha256 in `weights/metric_models.json` when loaded):
 
 Every encoder takes PIL images at any size (resized to `INPUT_SIZE`, bicubic) and returns
 float32 (n, EMBED_DIM) embeddings, not normalised: the metric functions in `metrics.py`
-normalise them, as they do CLIP's and DINO's.
+normalise them, as they do CLIP's and DINO's. With `models = load_metric_models()`:
+
+    DINO    models.identity.embed_images(images)          CLIP-I, CMMD  models.dual.embed_images(images)
+    CLIP-T  models.dual.embed_texts(prompts)              LPIPS         models.lpips (metrics.LPIPS's interface)
 """
 
 import hashlib
