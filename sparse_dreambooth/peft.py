@@ -102,7 +102,8 @@ def peft_adapter_config(adapter: StoredAdapter) -> dict:
         key = _pattern_key(pattern, name)
         if (pattern[key] if key else n_frequency) != count:
             raise UserError(
-                f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; export --format kohya or merged"
+                f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; "
+                "export --format merged (exact) or kohya"
             )
     wavelet = method_of(config).wavelet(config) or "db1"
     return {
@@ -206,7 +207,7 @@ def _check_peft_positions(adapter: StoredAdapter) -> None:
             raise UserError(
                 f"layer {name!r}: its stored positions are not the ones PEFT draws from seed {config.adapter_seed} "
                 f"under torch {torch.__version__} (the adapter was made with another torch or other positions), so "
-                "PEFT would load it wrongly; export --format kohya or merged instead"
+                "PEFT would load it wrongly; export --format merged (exact) or kohya instead"
             )
 
 

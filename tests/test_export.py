@@ -259,10 +259,42 @@ def test_kohya_lora_layout_and_diffusers_kohya_conversion(runs, tmp_path):
     assert_same_output(unet_output(pipe.unet), expected)
 
 
+@pytest.mark.parametrize("method", ["waveft", "random-sparse"])
+def test_kohya_export_of_a_sparse_adapter_needs_rank_or_full_diff(runs, tmp_path, method):
+    run, _ = runs[method]
+    message = cli_error("export", "--run", run, "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    assert "\n" not in message
+    assert all(part in message for part in ("--rank R", "--full-diff", "--format peft or merged"))
+    both = ("--rank", "4", "--full-diff")
+    assert "pass one" in cli_error(
+        "export", "--run", run, "--format", "kohya", "--out", tmp_path / "k.safetensors", *both
+    )
+    assert not (tmp_path / "k.safetensors").exists()
+    lora, _ = runs["lora"]
+    assert "for sparse adapters" in cli_error(
+        "export", "--run", lora, "--format", "kohya", "--out", tmp_path / "k.safetensors", "--full-diff"
+    )
+    assert "applies to --format kohya" in cli_error(
+        "export", "--run", run, "--format", "peft", "--out", tmp_path / "p", "--full-diff"
+    )
+
+
 def test_kohya_full_diffs_are_the_exact_weight_differences(runs, tmp_path):
     run, expected = runs["waveft"]
     out = tmp_path / "full.safetensors"
-    export_adapter(run, "kohya", out)
+    announced = []
+    export_adapter(
+        run, "kohya", out, full_diff=True, dtype="fp16", notify=lambda line: announced.append((line, out.exists()))
+    )
+    diffs = load_file(str(out))
+    # The size is stated before the file exists, and is the size of what was written.
+    tensor_bytes = sum(diff.numel() * diff.element_size() for diff in diffs.values())
+    assert announced == [(f"writing {out}: 136 dense weight differences, {tensor_bytes / 1e6:,.1f} MB", False)]
+    assert out.stat().st_size == pytest.approx(tensor_bytes, rel=0.05)
+    # The command line says it too; fp32 this time, twice the bytes.
+    assert f"{tensor_bytes * 2 / 1e6:,.1f} MB" in run_cli(
+        "export", "--run", run, "--format", "kohya", "--out", out, "--full-diff", "--overwrite"
+    )
     diffs = load_file(str(out))
     assert len(diffs) == 136 and all(key.endswith(".diff") for key in diffs)
     for key, shape in KOHYA_EXAMPLES.items():
