@@ -11,8 +11,10 @@ Export a run's adapter.safetensors as:
                from the seed, so the export checks, layer by layer, that it would draw ours.
     kohya      kohya-ss / A1111 / ComfyUI names, "lora_unet_<module, dots as underscores>":
                LoRA as ".lora_down.weight" (r, in), ".lora_up.weight" (out, r), ".alpha" (scalar);
-               a sparse adapter as the LyCORIS "full" layout, ".diff" (out, in) = the exact weight
-               difference, or with `rank` as an SVD LoRA (scale 1: alpha = rank).
+               a sparse adapter needs a choice: `rank` for an SVD LoRA (scale 1: alpha = rank; the
+               error is reported, and is large at low ranks), or `full_diff` for the LyCORIS "full"
+               layout, ".diff" (out, in) = the exact weight difference (a dense file: its size is
+               announced before writing).
     merged     a diffusers UNet folder (or, with `pipeline`, the whole pipeline) with the adapter
                merged into the weights, for `from_pretrained`.
 
@@ -22,6 +24,7 @@ Every file is written atomically. `import_adapter` (from peft.py) is re-exported
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,7 +145,7 @@ def _lora_factors(adapter: StoredAdapter, rank: int | None, dtype: torch.dtype, 
     if rank is None:
         raise UserError(
             f"{what} reads LoRA only: pass --rank R for a rank-R SVD approximation of this {adapter.config.method} "
-            "adapter, or export --format peft, kohya (exact full diffs) or merged"
+            "adapter, or export --format peft, kohya --full-diff (exact) or merged"
         )
     if rank <= 0:
         raise UserError(f"--rank must be a positive integer, got {rank}")
@@ -190,9 +193,37 @@ def _export_diffusers(
     return ExportResult(target, "diffusers", summary, overall, layer_errors)
 
 
+def _kohya_choice(adapter: StoredAdapter, rank: int | None, full_diff: bool) -> None:
+    """A sparse adapter has no exact LoRA form: the user picks an approximation or a dense file."""
+    if method_of(adapter.config).low_rank:
+        if full_diff:
+            raise UserError("--full-diff is for sparse adapters; a LoRA adapter is exported exactly as LoRA")
+        return
+    if rank is not None and full_diff:
+        raise UserError("--rank and --full-diff are two ways to export a sparse adapter to kohya; pass one")
+    if rank is None and not full_diff:
+        raise UserError(
+            f"kohya has no exact small form of a {adapter.config.method} adapter: pass --rank R for an SVD LoRA "
+            "(its error is reported; at rank 64 it is about 0.8 on SDXL) or --full-diff for exact dense weight "
+            "differences (about 1.9 GB in fp16 on SDXL); --format peft or merged are exact"
+        )
+
+
+def full_diff_bytes(adapter: StoredAdapter, dtype: torch.dtype) -> int:
+    """The tensor bytes of a kohya full-diff file: one dense (out, in) matrix per adapted layer."""
+    return sum(math.prod(shape) for shape in adapter.shapes.values()) * dtype.itemsize
+
+
 def _export_kohya(
-    adapter: StoredAdapter, out: Path, rank: int | None, dtype: torch.dtype, overwrite: bool
+    adapter: StoredAdapter,
+    out: Path,
+    rank: int | None,
+    full_diff: bool,
+    dtype: torch.dtype,
+    overwrite: bool,
+    notify: Callable[[str], None],
 ) -> ExportResult:
+    _kohya_choice(adapter, rank, full_diff)
     if out.suffix != ".safetensors":
         raise UserError(
             f"--out {out}: kohya/A1111/ComfyUI read single .safetensors files; name one, e.g. {out.name}.safetensors"
@@ -212,11 +243,13 @@ def _export_kohya(
         metadata.update(ss_network_module="networks.lora", ss_network_dim=str(ranks[-1]))
         kind = f"LoRA rank {ranks[-1]}"
     else:
+        size = full_diff_bytes(adapter, dtype)
+        notify(f"writing {out}: {len(adapter.modules)} dense weight differences, {size / 1e6:,.1f} MB")
         with torch.no_grad():
             for name, module in adapter.modules.items():
                 tensors[f"{kohya_key(name)}.diff"] = module.delta_weight().to(dtype)
         metadata.update(ss_network_module="lycoris.kohya", ss_network_args=json.dumps({"algo": "full"}))
-        kind = "LyCORIS full weight differences"
+        kind = f"LyCORIS full weight differences, {size / 1e6:,.1f} MB"
     _write_file(out, tensors, metadata)
     summary = (
         f"wrote {out} (kohya/A1111/ComfyUI, {kind}, {len(adapter.modules)} layers"
@@ -286,9 +319,11 @@ def export_adapter(
     out,
     *,
     rank: int | None = None,
+    full_diff: bool = False,
     dtype: str = "fp32",
     pipeline: bool = False,
     overwrite: bool = False,
+    notify: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
     """Write a run's adapter in another tool's format.
 
@@ -298,10 +333,13 @@ def export_adapter(
             "peft" (a folder), "kohya" (a .safetensors file) or "merged" (a folder).
         out: where to write.
         rank: for diffusers and kohya, export a sparse adapter as its best rank-`rank` approximation
-            (SVD per layer; the error is reported). Without it kohya writes exact full diffs.
+            (SVD per layer; the error is reported).
+        full_diff: for kohya, export a sparse adapter as exact dense weight differences. A sparse
+            adapter needs `rank` or `full_diff` for kohya.
         dtype: "fp32", "fp16" or "bf16" for the diffusers, kohya and merged weights. Default fp32.
         pipeline: for merged, write the whole SDXL pipeline instead of the UNet alone.
         overwrite: replace `out` if it exists.
+        notify: told what is about to be written when that is large (a full-diff file's size).
 
     Raises:
         UserError: unknown format or dtype, a sparse adapter for a LoRA-only format without rank, an
@@ -315,6 +353,8 @@ def export_adapter(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if rank is not None and format not in ("diffusers", "kohya"):
         raise UserError(f"--rank applies to --format diffusers or kohya, not {format}")
+    if full_diff and format != "kohya":
+        raise UserError(f"--full-diff applies to --format kohya, not {format}")
     if pipeline and format != "merged":
         raise UserError("--pipeline applies to --format merged")
     run, out = Path(run), Path(out)
@@ -322,7 +362,7 @@ def export_adapter(
     if format == "diffusers":
         return _export_diffusers(adapter, out, rank, DTYPES[dtype], overwrite)
     if format == "kohya":
-        return _export_kohya(adapter, out, rank, DTYPES[dtype], overwrite)
+        return _export_kohya(adapter, out, rank, full_diff, DTYPES[dtype], overwrite, notify)
     if format == "peft":
         return _export_peft(adapter, out, overwrite)
     return _export_merged(adapter, run, out, DTYPES[dtype], pipeline, overwrite)
@@ -333,6 +373,7 @@ __all__ = [
     "FORMATS",
     "ExportResult",
     "export_adapter",
+    "full_diff_bytes",
     "import_adapter",
     "kohya_key",
     "peft_adapter_config",

@@ -12,6 +12,7 @@ Only safetensors are read (pickled .bin weights are refused).
 """
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -101,7 +102,8 @@ def peft_adapter_config(adapter: StoredAdapter) -> dict:
         key = _pattern_key(pattern, name)
         if (pattern[key] if key else n_frequency) != count:
             raise UserError(
-                f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; export --format kohya or merged"
+                f"layer {name!r}: PEFT's n_frequency_pattern cannot single it out; "
+                "export --format merged (exact) or kohya"
             )
     wavelet = method_of(config).wavelet(config) or "db1"
     return {
@@ -118,11 +120,79 @@ def peft_adapter_config(adapter: StoredAdapter) -> dict:
     }
 
 
-def peft_wavelets() -> set[str]:
-    """Wavelets PEFT's WaveFT implements: Daubechies, symlets and coiflets."""
-    import pywt
+# The layer a wavelet is tried on: small, odd rows and unequal sides, so padding, evenness and
+# cropping all come into play.
+_PROBE_SHAPE, _PROBE_COUNT, _PROBE_SEED = (11, 14), 40, 5
 
-    return {*pywt.wavelist("db"), *pywt.wavelist("sym"), *pywt.wavelist("coif"), "haar"}
+
+def _peft_reproduces(wavelet: str) -> bool:
+    """Whether the installed PEFT's own WaveFT layer gives our delta for `wavelet`, on one small layer.
+
+    PEFT's config accepts names its layer then cannot use (unknown to its filter table, or a filter
+    whose shape breaks its transform) and, for some, has other filters than pywt's: only running its
+    code tells.
+    """
+    from peft import WaveFTConfig
+    from peft.tuners.waveft.layer import WaveFTLinear
+
+    out_features, in_features = _PROBE_SHAPE
+    coefficients = torch.randn(_PROBE_COUNT, generator=torch.Generator().manual_seed(0))
+    ours = SparseAdapter(_PROBE_SHAPE, random_positions(_PROBE_SHAPE, _PROBE_COUNT, _PROBE_SEED), 1.0, wavelet)
+    try:
+        config = WaveFTConfig(
+            n_frequency=_PROBE_COUNT, wavelet_family=wavelet, scaling=1.0, random_loc_seed=_PROBE_SEED
+        )
+        theirs = WaveFTLinear(nn.Linear(in_features, out_features), "default", config, n_frequency=_PROBE_COUNT)
+        with torch.no_grad():
+            ours.coefficients.copy_(coefficients)
+            theirs.waveft_spectrum["default"].copy_(coefficients)
+            expected, actual = ours.delta_weight(), theirs.get_delta_weight("default")
+    except Exception:  # noqa: BLE001 -- any failure inside PEFT means it cannot load this wavelet
+        return False
+    return actual.shape == expected.shape and bool(torch.allclose(actual, expected, rtol=0, atol=1e-5))
+
+
+@functools.cache
+def _reproducible_wavelets(peft_version: str) -> tuple[str, ...]:
+    from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+
+    return tuple(name for name in WAVELET_REDUCTIONS if _peft_reproduces(name))
+
+
+def peft_wavelets() -> tuple[str, ...]:
+    """The wavelets the installed PEFT's WaveFT reproduces exactly (probed once per PEFT version)."""
+    import peft
+
+    return _reproducible_wavelets(peft.__version__)
+
+
+def _name_ranges(names) -> str:
+    """ "db1-10, sym2-10, coif1-3" for a list of family-and-number names, in order."""
+    runs: list[list] = []
+    for name in names:
+        family, number = re.fullmatch(r"(\D+)(\d+)", name).groups()
+        if runs and runs[-1][0] == family and runs[-1][2] == int(number) - 1:
+            runs[-1][2] = int(number)
+        else:
+            runs.append([family, int(number), int(number)])
+    return ", ".join(f"{family}{low}" + (f"-{high}" if high > low else "") for family, low, high in runs)
+
+
+def _check_peft_wavelet(wavelet: str) -> None:
+    """Refuse a wavelet the installed PEFT would load wrongly or not at all."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError(
+            f"the PEFT export checks that PEFT reproduces the {wavelet!r} wavelet, but peft is not installed: "
+            "pip install peft, or export --format merged"
+        ) from None
+    name = "db1" if wavelet == "haar" else wavelet  # the same filters under PEFT's name
+    if not _peft_reproduces(name):
+        raise UserError(
+            f"PEFT {peft.__version__} cannot reproduce the {wavelet!r} wavelet (it reproduces "
+            f"{_name_ranges(peft_wavelets())}); export --format merged for an exact result"
+        )
 
 
 def _check_peft_positions(adapter: StoredAdapter) -> None:
@@ -137,7 +207,7 @@ def _check_peft_positions(adapter: StoredAdapter) -> None:
             raise UserError(
                 f"layer {name!r}: its stored positions are not the ones PEFT draws from seed {config.adapter_seed} "
                 f"under torch {torch.__version__} (the adapter was made with another torch or other positions), so "
-                "PEFT would load it wrongly; export --format kohya or merged instead"
+                "PEFT would load it wrongly; export --format merged (exact) or kohya instead"
             )
 
 
@@ -148,11 +218,8 @@ def peft_files(adapter: StoredAdapter) -> tuple[dict, dict[str, torch.Tensor]]:
         UserError: PEFT would load the adapter differently (a wavelet it lacks, other positions).
     """
     config, method = adapter.config, method_of(adapter.config)
-    if method.wavelet_transform and config.wavelet not in peft_wavelets():
-        raise UserError(
-            f"PEFT's WaveFT has no {config.wavelet!r} wavelet (it has db1-38, sym2-20, coif1-17); "
-            "export --format kohya or merged instead"
-        )
+    if method.wavelet_transform:
+        _check_peft_wavelet(config.wavelet)
     if not method.low_rank:
         _check_peft_positions(adapter)
     tensors = {}

@@ -44,7 +44,10 @@ EVALUATION_SEEDS = (42, 43, 44, 45)
 SAMPLE_NAME = re.compile(r"^prompt_(\d+)_sample_(\d+)_seed_(-?\d+)\.png$")
 SAMPLE_GLOB = "prompt_*_sample_*_seed_*.png"
 # Settings that may change when a run is resumed: they do not change what was computed so far.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoints_kept", "validate_every", "validation_prompt"}
+# `output` is the folder the saved settings were read from, however it is spelled.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoints_kept", "validate_every", "validation_prompt", "output"}
+# Settings naming a path: compared as the folder they resolve to.
+PATH_SETTINGS = {"data_root", "instance_dir"}
 
 
 def sample_name(prompt_index: int, sample_index: int, seed: int) -> str:
@@ -59,6 +62,16 @@ def prompt_samples_glob(prompt_index: int) -> str:
 
 def checkpoint_path(output: Path, step: int) -> Path:
     return output / CHECKPOINTS / f"step-{step}"
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Remove checkpoint folders a killed run left half-written or half-replaced (files.atomic_folder's
+    hidden .step-N.partial-* and .step-N.old-*). Call only under the run's lock: nobody else writes them."""
+    import shutil
+
+    for stale in (output / CHECKPOINTS).glob(".step-*"):
+        if ".partial-" in stale.name or ".old-" in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -103,6 +116,7 @@ def check_output(config: TrainConfig, resume: Path | None, overwrite: bool) -> N
     from sparse_dreambooth.config import load_config
 
     output = config.output_dir
+    check_writable_folder(output)
     if resume is not None:
         saved = load_config(output / CONFIG_FILE) if (output / CONFIG_FILE).is_file() else None
         if saved is not None:
@@ -110,7 +124,7 @@ def check_output(config: TrainConfig, resume: Path | None, overwrite: bool) -> N
                 f"{section}.{key}"
                 for section, values in config.to_dict().items()
                 for key, value in values.items()
-                if key not in RESUMABLE_CHANGES and saved.to_dict()[section][key] != value
+                if key not in RESUMABLE_CHANGES and not _same_setting(key, saved.to_dict()[section][key], value)
             ]
             if changed:
                 raise UserError(
@@ -123,6 +137,26 @@ def check_output(config: TrainConfig, resume: Path | None, overwrite: bool) -> N
         raise UserError(f"{output} holds a finished run; pass --overwrite to replace it or choose another --output")
     if checkpoint_dirs(output):
         raise UserError(f"{output} holds an unfinished run; pass --resume latest to continue it or --overwrite")
+
+
+def _same_setting(key: str, saved, value) -> bool:
+    if key in PATH_SETTINGS and saved is not None and value is not None:
+        return Path(saved).expanduser().resolve() == Path(value).expanduser().resolve()
+    return saved == value
+
+
+def check_writable_folder(folder: Path, what: str = "the run folder") -> None:
+    """`folder` exists or can be made, and takes files: one line if it names a file or a place that
+    refuses writes (read-only, under a file, no permission)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output {folder} is a file, not a folder; choose another --output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write {what} {folder}: {error.strerror or error}; choose another --output") from None
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ across processes; each image is rendered once. Images already on disk are skippe
 interrupted run picks up where it stopped.
 """
 
+import contextlib
+import json
+import math
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,7 +68,6 @@ def sample(
         output: where the PNGs and samples.json go; default run/samples (run/samples-base).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     run = Path(run)
     runs.require_run(run)
@@ -72,14 +75,13 @@ def sample(
         raise UserError(
             f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base"
         )
-    if num_steps <= 0 or batch_size <= 0:
-        raise UserError("--num-steps and --batch-size must be positive")
     config = load_config(run / CONFIG_FILE)
-    subject = resolve_subject(config)
-    prompts = prompts or data.evaluation_prompts(subject, config.data.token)
     seeds = list(seeds or EVALUATION_SEEDS)
     resolution = resolution or config.data.resolution
     output = Path(output or run / (runs.BASE_SAMPLES if base else runs.SAMPLES))
+    _check_settings(prompts, seeds, num_steps, guidance, batch_size, resolution, output)
+    subject = run_subject(run, config)
+    prompts = prompts or data.evaluation_prompts(subject, config.data.token)
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) as training does
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32  # SDXL's VAE upcasts itself
@@ -93,6 +95,22 @@ def sample(
     pipe.set_progress_bar_config(disable=True)
 
     jobs = plan_jobs(prompts, seeds)
+    with _signals_end_the_process():  # SIGTERM unwinds like Ctrl-C, so no temporary file is left
+        _render(pipe, state, jobs, output, batch_size, negative_prompt, num_steps, guidance, resolution)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        settings = {"num_steps": num_steps, "guidance": guidance, "negative_prompt": negative_prompt}
+        _write_manifest(output, run, base, subject, jobs, {**settings, "resolution": resolution})
+    state.wait_for_everyone()
+    state.end_training()  # destroy the process group now, not in the interpreter's teardown
+    state.print(f"{len(jobs)} images in {output}")
+    return output
+
+
+def _render(pipe, state, jobs, output, batch_size, negative_prompt, num_steps, guidance, resolution) -> None:
+    """This process's share of the jobs not yet on disk, each image written atomically."""
+    from tqdm.auto import tqdm
+
     mine = [job for job in jobs[state.process_index :: state.num_processes] if not (output / job.file_name).is_file()]
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     for batch in tqdm(batches, desc="sample", unit="batch", disable=not state.is_main_process):
@@ -108,14 +126,50 @@ def sample(
         for job, image in zip(batch, images, strict=False):
             with atomic_path(output / job.file_name) as tmp:
                 image.save(tmp, format="PNG")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        settings = {"num_steps": num_steps, "guidance": guidance, "negative_prompt": negative_prompt}
-        _write_manifest(output, run, base, subject, jobs, {**settings, "resolution": resolution})
-    state.wait_for_everyone()
-    state.end_training()  # destroy the process group now, not in the interpreter's teardown
-    state.print(f"{len(jobs)} images in {output}")
-    return output
+
+
+@contextlib.contextmanager
+def _signals_end_the_process():
+    """SIGTERM raises SystemExit(143) instead of killing outright, so `finally` blocks (the temporary
+    file of the image being written) run, as they do for Ctrl-C."""
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# torch.Generator.manual_seed's range.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _check_settings(prompts, seeds, num_steps, guidance, batch_size, resolution, output: Path) -> None:
+    """Every sample setting checked before a model loads, as train checks its own."""
+    if num_steps <= 0 or batch_size <= 0:
+        raise UserError("--num-steps and --batch-size must be positive")
+    if not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
+    if resolution <= 0 or resolution % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8 (SDXL's VAE scale), got {resolution}")
+    for seed in seeds:
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise UserError(f"--seeds: {seed} is outside a generator seed's range [-2**63, 2**64-1]")
+    if prompts is not None and not all(prompt.strip() for prompt in prompts):
+        raise UserError("--prompt is empty; give the text to render")
+    runs.check_writable_folder(output, "the samples folder")
+
+
+def run_subject(run: Path, config) -> data.Subject:
+    """Who the run is of: run.json's record (class and kind are all prompts need, so the photos may
+    have moved or the command run elsewhere), else the run's data settings."""
+    record = json.loads((run / runs.RUN_FILE).read_text()).get("subject") if (run / runs.RUN_FILE).is_file() else None
+    if record and record.get("class") and record.get("kind") in data.SUBJECT_KINDS:
+        return data.Subject(record["name"], record["class"], record["kind"], ())
+    return resolve_subject(config)
 
 
 def _write_manifest(

@@ -14,6 +14,8 @@ generator state fits in a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import math
 import platform
 import shutil
@@ -129,8 +131,42 @@ class Training:
     step: int = 0
 
 
+def _check_checkpoint_adapter(config: TrainConfig, checkpoint: Path) -> None:
+    """A checkpoint continues only the adapter it holds: refuse one trained with other adapter settings."""
+    from sparse_dreambooth.adapters.io import read_adapter
+
+    saved, _, _ = read_adapter(checkpoint / runs.ADAPTER_FILE)
+    ours = config.adapter.to_dict()
+    changed = [key for key, value in saved.to_dict().items() if ours.get(key) != value]
+    if changed:
+        key = changed[0]
+        raise UserError(
+            f"--resume {checkpoint}: its adapter has {key}={saved.to_dict()[key]!r}, this run {key}={ours[key]!r}; "
+            "resume with the settings it was trained with, or start a new run without --resume"
+        )
+
+
+def _with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The photo paths resolved now, so the saved run reads the same from any working directory."""
+    paths = {
+        key: str(Path(value).expanduser().resolve())
+        for key in runs.PATH_SETTINGS
+        if (value := getattr(config.data, key)) is not None
+    }
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **paths))
+
+
+def _disk_error(error: OSError, what: Path, output: Path) -> UserError:
+    """One line for a failed write: what, why, and the checkpoint that survived."""
+    survivors = runs.checkpoint_dirs(output)
+    kept = f"the last complete checkpoint is {survivors[-1]}" if survivors else "no checkpoint was completed"
+    cause = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return UserError(f"cannot write {what}: {cause} in {output}; {kept}; free space and continue with --resume latest")
+
+
 def _prepare_output(config: TrainConfig, resume_from: Path | None, overwrite: bool) -> None:
     output = config.output_dir
+    runs.remove_stale_staging(output)  # a kill -9 mid-checkpoint leaves a hidden staging folder
     if overwrite and resume_from is None:
         shutil.rmtree(output / runs.CHECKPOINTS, ignore_errors=True)
         (output / runs.ADAPTER_FILE).unlink(missing_ok=True)
@@ -222,9 +258,10 @@ def _setup(
 
 
 def _scalar_settings(config: TrainConfig) -> dict:
-    """The settings TensorBoard can show as hyperparameters."""
+    """The settings TensorBoard can show as hyperparameters. Its log is UTF-8: a path that is not
+    (a folder name in another encoding, kept by Python as surrogates) is written with escapes."""
     return {
-        key: value
+        key: value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
         for values in config.to_dict().values()
         for key, value in values.items()
         if isinstance(value, (int, float, str, bool))
@@ -293,17 +330,20 @@ def _checkpoint(training: Training, config: TrainConfig) -> Path:
     path = runs.checkpoint_path(output, training.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(
-            path,
-            accelerator.unwrap_model(training.unet),
-            config.adapter,
-            training.base_model,
-            training.optimizer,
-            training.lr_scheduler,
-            training.generator,
-            training.step,
-            accelerator.scaler,
-        )
+        try:
+            save_checkpoint(
+                path,
+                accelerator.unwrap_model(training.unet),
+                config.adapter,
+                training.base_model,
+                training.optimizer,
+                training.lr_scheduler,
+                training.generator,
+                training.step,
+                accelerator.scaler,
+            )
+        except OSError as error:
+            raise _disk_error(error, path, output) from None
         for old in runs.checkpoint_dirs(output)[: -config.train.checkpoints_kept]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -336,11 +376,14 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from accelerate import Accelerator
 
     started = time.perf_counter()
+    config = _with_absolute_paths(config)
     output = config.output_dir
     subject = runs.resolve_subject(config)
     images = prepare_images(subject, config)
     resume_from = runs.resolve_resume(output, resume)
     runs.check_output(config, resume_from, overwrite)
+    if resume_from is not None:
+        _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
 
     accelerator = Accelerator(
@@ -407,7 +450,10 @@ def _run(
             "caching": training.cache_seconds,
             "mean_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
         }
-        _write_results(training, config, subject, loss, seconds)
+        try:
+            _write_results(training, config, subject, loss, seconds)
+        except OSError as error:
+            raise _disk_error(error, output / runs.ADAPTER_FILE, output) from None
     # Every rank tears the process group down together, once the main one has written: a rank that
     # leaves while another still works can hang the gloo/NCCL shutdown.
     accelerator.wait_for_everyone()

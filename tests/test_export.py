@@ -156,18 +156,69 @@ def test_peft_export_refuses_what_peft_would_load_wrongly(runs, tmp_path):
         export_adapter(moved, "peft", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
 
+
+def sparse_run(tmp_path, wavelet: str) -> tuple[Path, torch.Tensor]:
+    """A WaveFT run folder with random coefficients for `wavelet`, and its UNet output."""
+    config = merge_settings(None, {"model": "tiny", "subject": "demo", "wavelet": wavelet, "budget": 64})
     unet = fresh_unet()
-    config = adapters.AdapterConfig(method="waveft", budget=8, wavelet="bior2.2")
-    adapters.attach(unet, config)
-    adapters.save_adapter(unet, tmp_path / "bior.safetensors", config)
-    with pytest.raises(UserError, match="no 'bior2.2' wavelet"):
-        export_adapter(tmp_path / "bior.safetensors", "peft", tmp_path / "peft")
+    adapters.attach(unet, config.adapter)
+    randomise([p for layer in adapters.adapted_layers(unet).values() for p in layer.adapter.parameters()], 0.01)
+    run = tmp_path / wavelet
+    run.mkdir()
+    adapters.save_adapter(unet, run / "adapter.safetensors", config.adapter, base_model=model_identity("tiny"))
+    (run / "config.yaml").write_text(dump_yaml(config))
+    return run, unet_output(unet)
 
 
-def test_our_list_of_peft_wavelets_is_peft_s():
+@pytest.mark.parametrize("wavelet", ["db1", "haar", "sym4"])
+def test_wavelets_peft_reproduces_export_and_load_back_exactly(tmp_path, wavelet):
+    from peft import PeftModel
+
+    run, expected = sparse_run(tmp_path, wavelet)
+    run_cli("export", "--run", run, "--format", "peft", "--out", tmp_path / "peft")
+    unet = fresh_unet()
+    PeftModel.from_pretrained(unet, tmp_path / "peft")
+    assert_same_output(unet_output(unet), expected)
+
+
+@pytest.mark.parametrize("wavelet", ["coif4", "coif5", "db12", "bior2.2"])
+def test_wavelets_peft_cannot_reproduce_are_refused_in_one_line(tmp_path, wavelet):
+    # peft 0.21.2: coif4's filter is not pywt's (outputs differ by 2e-2), coif5 crashes in its
+    # transform, db12 is accepted by WaveFTConfig but unknown to its layer, bior2.2 is not a PEFT name.
+    run, _ = sparse_run(tmp_path, wavelet)
+    message = cli_error("export", "--run", run, "--format", "peft", "--out", tmp_path / "peft")
+    assert "\n" not in message
+    assert f"cannot reproduce the {wavelet!r} wavelet" in message and "--format merged" in message
+    assert "db1-10, sym2-10, coif1-3" in message  # what peft 0.21.2 reproduces, as probed
+    assert not (tmp_path / "peft").exists()
+
+
+def test_the_wavelets_named_as_working_are_those_peft_reproduces():
+    # Oracle: PEFT's own layer against pywt.waverec2 on the padded coefficient matrix, per name.
+    import pywt
+    from peft import WaveFTConfig
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+    from peft.tuners.waveft.layer import WaveFTLinear
 
-    assert peft_wavelets() - {"haar"} == set(WAVELET_REDUCTIONS)
+    def reproduced(name):
+        try:
+            layer = WaveFTLinear(torch.nn.Linear(9, 7), "default", WaveFTConfig(wavelet_family=name), n_frequency=20)
+            with torch.no_grad():
+                layer.waveft_spectrum["default"].copy_(torch.linspace(-1, 1, 20))
+                theirs = layer.get_delta_weight("default").double().numpy()
+        except Exception:
+            return False
+        rows, cols = WAVELET_REDUCTIONS[name]
+        padded = np.zeros((7 + rows + (7 + rows) % 2, 9 + cols + (9 + cols) % 2))
+        row, col = layer.waveft_indices["default"].numpy()
+        padded[row + (padded.shape[0] - 7) // 2, col + (padded.shape[1] - 9) // 2] = np.linspace(-1, 1, 20)
+        half_rows, half_cols = padded.shape[0] // 2, padded.shape[1] // 2
+        quadrants = (padded[:half_rows, :half_cols], padded[:half_rows, half_cols:], padded[half_rows:, :half_cols])
+        full = pywt.waverec2((quadrants[0], (quadrants[1], quadrants[2], padded[half_rows:, half_cols:])), name)
+        top, left = (full.shape[0] - 7) // 2, (full.shape[1] - 9) // 2
+        return theirs.shape == (7, 9) and np.allclose(theirs, 25 * full[top : top + 7, left : left + 9], atol=1e-4)
+
+    assert set(peft_wavelets()) == {name for name in WAVELET_REDUCTIONS if reproduced(name)}
 
 
 # --- kohya / A1111 / ComfyUI ---------------------------------------------------------------------
@@ -194,10 +245,42 @@ def test_kohya_lora_layout_and_diffusers_kohya_conversion(runs, tmp_path):
     assert_same_output(unet_output(pipe.unet), expected)
 
 
+@pytest.mark.parametrize("method", ["waveft", "random-sparse"])
+def test_kohya_export_of_a_sparse_adapter_needs_rank_or_full_diff(runs, tmp_path, method):
+    run, _ = runs[method]
+    message = cli_error("export", "--run", run, "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    assert "\n" not in message
+    assert all(part in message for part in ("--rank R", "--full-diff", "--format peft or merged"))
+    both = ("--rank", "4", "--full-diff")
+    assert "pass one" in cli_error(
+        "export", "--run", run, "--format", "kohya", "--out", tmp_path / "k.safetensors", *both
+    )
+    assert not (tmp_path / "k.safetensors").exists()
+    lora, _ = runs["lora"]
+    assert "for sparse adapters" in cli_error(
+        "export", "--run", lora, "--format", "kohya", "--out", tmp_path / "k.safetensors", "--full-diff"
+    )
+    assert "applies to --format kohya" in cli_error(
+        "export", "--run", run, "--format", "peft", "--out", tmp_path / "p", "--full-diff"
+    )
+
+
 def test_kohya_full_diffs_are_the_exact_weight_differences(runs, tmp_path):
     run, expected = runs["waveft"]
     out = tmp_path / "full.safetensors"
-    export_adapter(run, "kohya", out)
+    announced = []
+    export_adapter(
+        run, "kohya", out, full_diff=True, dtype="fp16", notify=lambda line: announced.append((line, out.exists()))
+    )
+    diffs = load_file(str(out))
+    # The size is stated before the file exists, and is the size of what was written.
+    tensor_bytes = sum(diff.numel() * diff.element_size() for diff in diffs.values())
+    assert announced == [(f"writing {out}: 136 dense weight differences, {tensor_bytes / 1e6:,.1f} MB", False)]
+    assert out.stat().st_size == pytest.approx(tensor_bytes, rel=0.05)
+    # The command line says it too; fp32 this time, twice the bytes.
+    assert f"{tensor_bytes * 2 / 1e6:,.1f} MB" in run_cli(
+        "export", "--run", run, "--format", "kohya", "--out", out, "--full-diff", "--overwrite"
+    )
     diffs = load_file(str(out))
     assert len(diffs) == 136 and all(key.endswith(".diff") for key in diffs)
     for key, shape in KOHYA_EXAMPLES.items():

@@ -265,6 +265,7 @@ def test_kill_9_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
 
     resumed = run_subprocess(*args, "--resume", "latest", cache=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not [path.name for path in checkpoints.iterdir() if path.name.startswith(".")], "staging debris stays"
     assert_same_adapter(run, uninterrupted(tmp_path, steps))
 
 

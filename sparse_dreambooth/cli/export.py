@@ -12,7 +12,7 @@ from sparse_dreambooth.cli.flags import with_settings
 
 FORMATS_HELP = (
     "diffusers (LoRA file for load_lora_weights) | peft (adapter folder for PeftModel.from_pretrained) | "
-    "kohya (A1111/ComfyUI file: LoRA, or full diffs for sparse adapters) | merged (diffusers UNet folder)"
+    "kohya (A1111/ComfyUI file: LoRA; a sparse adapter needs --rank or --full-diff) | merged (diffusers UNet folder)"
 )
 
 
@@ -25,6 +25,9 @@ def export_command(
     rank: int | None = typer.Option(
         None, "--rank", help="diffusers/kohya: export a sparse adapter as its rank-R SVD approximation (error reported)"
     ),
+    full_diff: bool = typer.Option(
+        False, "--full-diff", help="kohya: export a sparse adapter as exact dense weight differences (large file)"
+    ),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 | bf16 weights for diffusers, kohya and merged"),
     pipeline: bool = typer.Option(False, "--pipeline", help="merged: write the whole SDXL pipeline, not only the UNet"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
@@ -32,7 +35,17 @@ def export_command(
     """Write a run's adapter for diffusers, PEFT, kohya/A1111/ComfyUI, or merged into a diffusers UNet."""
     from sparse_dreambooth.export import export_adapter
 
-    result = export_adapter(run, format, out, rank=rank, dtype=dtype, pipeline=pipeline, overwrite=overwrite)
+    result = export_adapter(
+        run,
+        format,
+        out,
+        rank=rank,
+        full_diff=full_diff,
+        dtype=dtype,
+        pipeline=pipeline,
+        overwrite=overwrite,
+        notify=typer.echo,
+    )
     typer.echo(result.summary)
 
 

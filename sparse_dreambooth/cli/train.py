@@ -54,6 +54,8 @@ def sample_command(
         seed_list = [int(seed) for seed in seeds.split(",") if seed.strip()]
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    if not seed_list:
+        raise UserError("--seeds names no seed; pass comma-separated integers, e.g. 42,43")
     from sparse_dreambooth.sample import sample
 
     sample(
