@@ -8,6 +8,7 @@ from_pretrained for merged folders. Outputs are compared numerically on fixed UN
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
