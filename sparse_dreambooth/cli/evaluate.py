@@ -28,7 +28,7 @@ def evaluate_command(
         None, "--samples", help="folder of prompt_XX_sample_K_seed_S.png (+ samples.json); repeatable"
     ),
     subject: str | None = typer.Option(
-        None, "--subject", help="subject of --samples folders that belong to no run (e.g. dog6, demo)"
+        None, "--subject", help="subject of --samples folders that belong to no run (e.g. dog6, micro/teal_dog)"
     ),
     data_root: str | None = typer.Option(
         None, "--data-root", help="DreamBooth dataset folder (default: $SPARSE_DB_DATA)"
