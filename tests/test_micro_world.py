@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH_ROOT
+from conftest import FIXTURE_DATA
 from PIL import Image, ImageOps
 
 from sparse_dreambooth import data
@@ -34,7 +34,7 @@ def test_world_and_subjects_import_without_torch():
 
 def test_captions_are_the_dataset_prompts_with_a_photo_prefix():
     # Oracle: the dataset's own prompts_and_classes.txt, parsed independently of the world's phrase lists.
-    _, object_templates, live_templates = data.read_prompts_and_classes(DREAMBOOTH_ROOT)
+    _, object_templates, live_templates = data.read_prompts_and_classes(FIXTURE_DATA)
     instances = {kind: world.random_instance(name, np.random.default_rng(0)) for name, kind in world.CLASSES.items()}
     for kind, templates in (("object", object_templates), ("live", live_templates)):
         expected = {template.format(token="zjw", class_name=instances[kind].class_name) for template in templates}
@@ -56,7 +56,7 @@ def test_caption_places_token_modifier_outfit_and_context_as_the_prompts_do():
 
 
 def test_classes_use_dataset_class_names_and_kinds():
-    classes, _, _ = data.read_prompts_and_classes(DREAMBOOTH_ROOT)
+    classes, _, _ = data.read_prompts_and_classes(FIXTURE_DATA)
     assert set(world.CLASSES) <= set(classes.values())
     assert {name for name, kind in world.CLASSES.items() if kind == "live"} == {"dog", "cat"}
 
