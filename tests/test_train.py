@@ -192,7 +192,7 @@ def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
         "seed": 43,
         "prompt": "a zjw toy in the snow",
     }
-    assert len(list((run / "samples").glob("*.png"))) == 50
+    assert len(list((run / "samples").glob("prompt_*.png"))) == 50
 
 
 @pytest.mark.slow
@@ -218,7 +218,7 @@ def test_the_same_command_twice_gives_identical_bytes(tmp_path):
         files.append({path.name: path.read_bytes() for path in outputs})
         for path in outputs[1:]:
             path.unlink()  # sampling skips images already on disk
-    assert files[0].keys() == files[1].keys() and len(files[0]) == 3
+    assert files[0].keys() == files[1].keys() and len(files[0]) == 4  # adapter, 2 images, grid.png
     for name in files[0]:
         assert files[0][name] == files[1][name], name
 
@@ -273,7 +273,7 @@ def test_two_processes_train_and_sample(tmp_path):
     ]
     run_cli("sample", *sample_args, "--output", str(tmp_path / "one-process"))
     launch("sample", *sample_args, "--batch-size", "2", "--output", str(tmp_path / "two-processes"))
-    one_images = sorted((tmp_path / "one-process").glob("*.png"))
+    one_images = sorted((tmp_path / "one-process").glob("prompt_*.png"))
     assert len(one_images) == 6
     for path in one_images:
         a = np.asarray(Image.open(path), dtype=np.int16)
@@ -331,15 +331,15 @@ def test_a_run_shows_our_progress_and_messages_only(tmp_path):
         "sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "a zjw toy", cache=cache
     )
     expected = [
-        (train, "train:", f"adapter written to {run / 'adapter.safetensors'}"),
-        (sample, "sample:", f"1 images in {run / 'samples'}"),
+        (train, "train:", [f"adapter written to {run / 'adapter.safetensors'}"]),
+        (sample, "sample:", [f"1 images in {run / 'samples'}", f"grid: {run / 'samples' / 'grid.png'}"]),
     ]
-    for result, bar, message in expected:
+    for result, bar, messages in expected:
         assert result.returncode == 0, result.stderr[-3000:]
         output = result.stdout + result.stderr
         for noise in THIRD_PARTY_NOISE:
             assert noise not in output, f"{noise!r} in:\n{output[-3000:]}"
         lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
         assert any(line.startswith(bar) for line in lines), output[-3000:]
-        # Besides our bar and our warnings, exactly our one closing message.
-        assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == [message], output
+        # Besides our bar and our warnings, exactly our closing messages.
+        assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == messages, output
