@@ -114,7 +114,9 @@ class ModelSettings:
 class DataSettings:
     """The subject and how its images are prepared."""
 
-    subject: str | None = setting(None, "DreamBooth subject name (e.g. dog6), or 'demo' for the synthetic one")
+    subject: str | None = setting(
+        None, "subject: dog6 (DreamBooth), micro/teal_dog (`sparse-db data list`), demo (= micro/robot_toy)"
+    )
     data_root: str | None = setting(None, "DreamBooth dataset folder (default: $SPARSE_DB_DATA or user data dir)")
     instance_dir: str | None = setting(None, "folder of your own photos (instead of --subject)")
     class_name: str | None = setting(None, "class of your own subject, e.g. 'dog' (with --instance-dir)")
@@ -161,7 +163,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         data, train = self.data, self.train
         if (data.subject is None) == (data.instance_dir is None):
-            raise UserError("name a subject: --subject NAME (or 'demo'), or --instance-dir DIR with --class-name")
+            raise UserError(
+                "name a subject: --subject NAME (dog6, micro/teal_dog, demo), or --instance-dir DIR with --class-name"
+            )
         if data.instance_dir is not None and not data.class_name:
             raise UserError("--instance-dir needs --class-name, e.g. --class-name dog")
         if data.resolution <= 0 or data.resolution % 8:

@@ -31,6 +31,7 @@ from sparse_dreambooth.metric_models import (
     DEFAULT_CMMD,
     DEFAULT_DINO,
     DEFAULT_LPIPS,
+    MICRO,
     MetricModels,
     convert_lpips_weights,
     load_image,
@@ -46,6 +47,7 @@ from sparse_dreambooth.metrics import (
     mean_pairwise_cosine,
     strip_token,
 )
+from sparse_dreambooth.micro.metric_models import INPUT_SIZE as MICRO_INPUT_SIZE
 from sparse_dreambooth.runs import (
     CONFIG_FILE,
     MANIFEST,
@@ -284,8 +286,11 @@ def _lpips_diversity(
 
 def _protocol(models: MetricModels, cmmd_unbiased: bool) -> dict[str, str]:
     """How each metric was computed, stored beside the numbers."""
+    dino = "CLS embeddings; resize 256 bicubic, centre crop 224"
+    if models.names["dino"] == MICRO:
+        dino = f"micro identity-encoder embeddings; whole image resized bicubic to {MICRO_INPUT_SIZE}"
     return {
-        "dino": "mean cosine over (generated, real) pairs of CLS embeddings; resize 256 bicubic, centre crop 224",
+        "dino": f"mean cosine over (generated, real) pairs of {dino}",
         "clip_i": "mean cosine over (generated, real) pairs of projected CLIP image embeddings",
         "clip_t": "mean cosine between each image and its prompt without the rare token; clip_t_x100 = 100 x clip_t",
         "lpips_diversity": "mean LPIPS over pairs of samples of the same prompt, averaged over prompts; images at "

@@ -12,7 +12,10 @@ batches of images on the GPU when there is one. Preprocessing follows the protoc
   safetensors file.
 
 Model names: a Hub id, a local folder, "tiny" (small random models built here, for smoke runs
-and tests) or, for CMMD and LPIPS, "none" to skip that metric.
+and tests), "micro" (the encoders trained in the micro world and shipped with the package, see
+`micro/metric_models.py`; they take PIL images and do their own preprocessing) or, for CMMD and
+LPIPS, "none" to skip that metric. A preset (`METRIC_MODEL_PRESETS`) names all four at once:
+"paper" the protocol's networks, "micro" the micro ones.
 """
 
 import re
@@ -30,13 +33,19 @@ from sparse_dreambooth.files import cache_dir, write_safetensors
 from sparse_dreambooth.metrics import (
     LPIPS,
 )
+from sparse_dreambooth.micro.metric_models import DualEncoder, IdentityEncoder, MicroLPIPS, load_metric_models
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_CMMD = "openai/clip-vit-large-patch14-336"
 DEFAULT_LPIPS = "alex"
 TINY = "tiny"
+MICRO = "micro"
 SKIP = "none"
+METRIC_MODEL_PRESETS = {
+    "paper": {"dino": DEFAULT_DINO, "clip": DEFAULT_CLIP, "cmmd": DEFAULT_CMMD, "lpips": DEFAULT_LPIPS},
+    MICRO: {"dino": MICRO, "clip": MICRO, "cmmd": MICRO, "lpips": MICRO},
+}
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -253,7 +262,7 @@ class MetricModels:
     clip: object
     clip_tokenizer: object
     cmmd: object
-    lpips: LPIPS | None
+    lpips: LPIPS | MicroLPIPS | None
     names: dict
     device: torch.device
     batch_size: int = 16
@@ -272,18 +281,31 @@ class MetricModels:
     @classmethod
     def load(
         cls,
-        dino: str = DEFAULT_DINO,
-        clip: str = DEFAULT_CLIP,
-        cmmd: str = DEFAULT_CMMD,
-        lpips: str = DEFAULT_LPIPS,
+        metric_models: str = "paper",
+        dino: str | None = None,
+        clip: str | None = None,
+        cmmd: str | None = None,
+        lpips: str | None = None,
         device: str | None = None,
         batch_size: int = 16,
         lpips_resolution: int | None = None,
     ) -> "MetricModels":
-        """Load every model; if any cannot be had, one UserError names them all and the fix."""
+        """Load every model; if any cannot be had, one UserError names them all and the fix.
+
+        Args:
+            metric_models: The preset ("paper" or "micro") giving each model not named by the
+                arguments after it.
+        """
+        if metric_models not in METRIC_MODEL_PRESETS:
+            raise UserError(f"--metric-models must be one of {', '.join(METRIC_MODEL_PRESETS)}, got {metric_models!r}")
+        preset = METRIC_MODEL_PRESETS[metric_models]
+        dino, clip = dino or preset["dino"], clip or preset["clip"]
+        cmmd, lpips = cmmd or preset["cmmd"], lpips or preset["lpips"]
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         failures = []
+        # The micro encoders ship in one file: read it once whichever roles use it.
+        micro_models = load_metric_models() if MICRO in (dino, clip, cmmd, lpips) else None
 
         def attempt(role: str, name: str, load):
             try:
@@ -297,15 +319,21 @@ class MetricModels:
                 "DINO and CLIP are the protocol's core metrics and cannot be skipped; only --cmmd and "
                 "--lpips take 'none'"
             )
-        dino_model = attempt("DINO", dino, lambda: _load_dino(dino))
-        clip_pair = attempt("CLIP", clip, lambda: _load_clip(clip))
+        dino_model = micro_models.identity if dino == MICRO else attempt("DINO", dino, lambda: _load_dino(dino))
+        clip_pair = (micro_models.dual, None) if clip == MICRO else attempt("CLIP", clip, lambda: _load_clip(clip))
         cmmd_model = None
         if cmmd != SKIP:
             if cmmd == clip and clip_pair is not None:
                 cmmd_model = clip_pair[0]
+            elif cmmd == MICRO:
+                cmmd_model = micro_models.dual
             else:
                 cmmd_model = attempt("CMMD", cmmd, lambda: _load_cmmd(cmmd))
-        lpips_model = None if lpips == SKIP else attempt("LPIPS", lpips, lambda: load_lpips(lpips))
+        lpips_model = None
+        if lpips == MICRO:
+            lpips_model = micro_models.lpips
+        elif lpips != SKIP:
+            lpips_model = attempt("LPIPS", lpips, lambda: load_lpips(lpips))
         if failures:
             listed = "; ".join(f"{role} {name!r} ({_first_line(error)})" for role, name, error in failures)
             hub_ids = ", ".join(
@@ -321,8 +349,8 @@ class MetricModels:
             raise UserError(
                 f"cannot load the metric models: {listed}. Download them once where the Hugging Face Hub is reachable"
                 + (f" ({hub_ids}) and copy the HF cache here," if hub_ids else "")
-                + " or pass local folders with --dino/--clip/--cmmd ('tiny' for a smoke run, 'none' "
-                "skips CMMD or LPIPS)." + lpips_hint
+                + " or pass local folders with --dino/--clip/--cmmd ('tiny' for a smoke run, 'micro' "
+                "for the micro world's, 'none' skips CMMD or LPIPS)." + lpips_hint
             )
         target = _device(device)
         clip_model, tokenizer = clip_pair
@@ -357,16 +385,22 @@ class MetricModels:
         return torch.cat(outputs)
 
     def dino_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        if isinstance(self.dino, IdentityEncoder):
+            return self.dino.embed_images(images, self.batch_size)
         size = self.dino.config.image_size
         return self._batched(
             images, lambda im: dino_pixels(im, size), lambda x: self.dino(pixel_values=x).last_hidden_state[:, 0]
         )
 
     def clip_image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        if isinstance(self.clip, DualEncoder):
+            return self.clip.embed_images(images, self.batch_size)
         size = self.clip.config.vision_config.image_size
         return self._batched(images, lambda im: clip_pixels(im, size), lambda x: _clip_image_embed(self.clip, x))
 
     def clip_text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        if isinstance(self.clip, DualEncoder):
+            return self.clip.embed_texts(prompts, self.batch_size)
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
@@ -385,6 +419,8 @@ class MetricModels:
         return torch.cat(outputs)
 
     def cmmd_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        if isinstance(self.cmmd, DualEncoder):
+            return self.cmmd.embed_images(images, self.batch_size)
         config = self.cmmd.config
         size = (config.vision_config if hasattr(config, "vision_config") else config).image_size
         return self._batched(images, lambda im: cmmd_pixels(im, size), lambda x: _clip_image_embed(self.cmmd, x))

@@ -1,7 +1,7 @@
 """Loading Stable Diffusion XL and computing its conditioning.
 
-`load_pipeline` accepts the built-in tiny model, a local diffusers folder, a single `.safetensors`
-checkpoint or a Hugging Face Hub id, and turns every "cannot get this model" failure into a
+`load_pipeline` accepts the built-in tiny and micro models, a local diffusers folder, a single
+`.safetensors` checkpoint or a Hugging Face Hub id, and turns every "cannot get this model" failure into a
 one-line `UserError`. `encode_prompts` and `add_time_ids` reproduce what
 `StableDiffusionXLPipeline` feeds the UNet, so training sees exactly what sampling will.
 """
@@ -15,14 +15,17 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sparse_dreambooth.config import DEFAULT_MODEL
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_folder, cache_dir
+from sparse_dreambooth.micro import model as micro_model
 from sparse_dreambooth.tiny_model import TINY_MODEL_VERSION, build_tiny_pipeline
 
 TINY_MODEL = "tiny"
+MICRO_MODEL = "micro"  # pretrained on the micro world; its weights ship in the package
 
 _ALTERNATIVES = "use `--model tiny` for a smoke run, or a local diffusers folder or .safetensors file"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MICRO_MODEL",
     "TINY_MODEL",
     "add_time_ids",
     "build_tiny_pipeline",
@@ -72,8 +75,8 @@ def load_pipeline(
     """Loads an SDXL pipeline; only safetensors weights are read, never pickles.
 
     Args:
-        model: `"tiny"` for the built-in tiny model, a local diffusers folder, a local
-            `.safetensors` checkpoint (A1111/ComfyUI layout), or a Hugging Face Hub id.
+        model: `"tiny"` for the built-in tiny model, `"micro"` for the pretrained micro model, a
+            local diffusers folder, a local `.safetensors` checkpoint (A1111/ComfyUI layout), or a Hugging Face Hub id.
         vae: Optional replacement `AutoencoderKL`, as a Hub id or a local folder (e.g.
             `madebyollin/sdxl-vae-fp16-fix`, whose VAE does not overflow in fp16). Default: None.
         revision: Hub branch, tag or commit; ignored for the tiny and local models.
@@ -90,10 +93,12 @@ def load_pipeline(
             `.safetensors`, a folder that is not a diffusers pipeline, or a Hub id that is not in
             the local cache when the Hub is unreachable or `HF_HUB_OFFLINE=1`.
     """
-    local_path = None if model == TINY_MODEL else _local_path(model)
+    local_path = None if model in (TINY_MODEL, MICRO_MODEL) else _local_path(model)
     if local_path is not None:
         _check_local_model(local_path)  # before the VAE, so a typo fails fast
     components = {"vae": _load_vae(vae, torch_dtype)} if vae is not None else {}
+    if model == MICRO_MODEL:
+        return micro_model.load_micro_pipeline(torch_dtype, **components)
     if model == TINY_MODEL:
         return StableDiffusionXLPipeline.from_pretrained(
             tiny_pipeline_path(), dtype=torch_dtype, use_safetensors=True, **components
@@ -125,6 +130,9 @@ def unet_skeleton(model: str, revision: str | None = None) -> torch.nn.Module | 
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
+    if model == MICRO_MODEL:
+        with init_empty_weights():
+            return UNet2DConditionModel(**micro_model.unet_config())
     if model == TINY_MODEL:
         source = tiny_pipeline_path()
     else:
@@ -239,11 +247,13 @@ def model_identity(model: str, revision: str | None = None) -> str:
         revision: The same revision given to `load_pipeline`. Default: None (main).
 
     Returns:
-        `"tiny-sdxl-<version>-seed0"` for the tiny model, the absolute path for local models, and
-        `"<hub id>@<revision>"` for Hub models.
+        `"tiny-sdxl-<version>-seed0"` for the tiny model, `"micro-sdxl-<version>"` for the micro
+        one, the absolute path for local models, and `"<hub id>@<revision>"` for Hub models.
     """
     if model == TINY_MODEL:
         return _tiny_model_name(seed=0)
+    if model == MICRO_MODEL:
+        return f"micro-sdxl-{micro_model.MICRO_MODEL_VERSION}"
     local_path = _local_path(model)
     if local_path is not None:
         return str(local_path)

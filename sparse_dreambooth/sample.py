@@ -4,17 +4,20 @@ authors sampled (DPM-Solver++ order 2, 30 steps, guidance 7.5).
 Each image has its own generator seeded with its seed, so an image does not depend on which
 batch or process renders it. Under `accelerate launch` the prompt x seed jobs are dealt out
 across processes; each image is rendered once. Images already on disk are skipped, so an
-interrupted run picks up where it stopped.
+interrupted run picks up where it stopped. At the end `grid.png` shows the subject's photos above
+a few prompts' samples, one row per prompt and one column per seed, so a run can be judged at a glance.
 """
 
 import contextlib
 import json
 import math
 import signal
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from sparse_dreambooth import data, runs
 from sparse_dreambooth.adapters import load_adapter, unload
@@ -23,6 +26,12 @@ from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
 from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE, EVALUATION_SEEDS, MANIFEST, resolve_subject
+
+GRID_FILE = "grid.png"
+GRID_PROMPTS = 8  # rows of the grid: this many prompts spread over the list
+GRID_SEEDS = 4  # columns: the first seeds
+GRID_TILE = 128  # smallest tile side; 64 px micro samples are upscaled (nearest) to be seen
+GRID_LABEL_WIDTH = 190
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ def sample(
     state.wait_for_everyone()
     state.end_training()  # destroy the process group now, not in the interpreter's teardown
     state.print(f"{len(jobs)} images in {output}")
+    if state.is_main_process:
+        state.print(f"grid: {write_grid(output, jobs, subject.image_paths)}")
     return output
 
 
@@ -164,12 +175,62 @@ def _check_settings(prompts, seeds, num_steps, guidance, batch_size, resolution,
 
 
 def run_subject(run: Path, config) -> data.Subject:
-    """Who the run is of: run.json's record (class and kind are all prompts need, so the photos may
-    have moved or the command run elsewhere), else the run's data settings."""
+    """Who the run is of, with its photos (for the grid) while they can still be found; else
+    run.json's record, since class and kind are all the prompts need (the photos may have moved, or
+    the command may run elsewhere)."""
     record = json.loads((run / runs.RUN_FILE).read_text()).get("subject") if (run / runs.RUN_FILE).is_file() else None
-    if record and record.get("class") and record.get("kind") in data.SUBJECT_KINDS:
+    if not (record and record.get("class") and record.get("kind") in data.SUBJECT_KINDS):
+        return resolve_subject(config)
+    try:
+        return resolve_subject(config)
+    except UserError:
         return data.Subject(record["name"], record["class"], record["kind"], ())
-    return resolve_subject(config)
+
+
+def grid_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """The grid's rows: up to `GRID_PROMPTS` prompts evenly spread over the list (first and last
+    included), each with its first `GRID_SEEDS` samples."""
+    by_prompt: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_prompt.setdefault(job.prompt_index, []).append(job)
+    indices = sorted(by_prompt)
+    if len(indices) > GRID_PROMPTS:
+        step = (len(indices) - 1) / (GRID_PROMPTS - 1)
+        indices = [indices[round(row * step)] for row in range(GRID_PROMPTS)]
+    return [sorted(by_prompt[index], key=lambda job: job.sample_index)[:GRID_SEEDS] for index in indices]
+
+
+def write_grid(folder: Path, jobs: list[Job], photos) -> Path:
+    """`folder/grid.png`: the subject's photos on top, then one row per chosen prompt (its text on
+    the left), one column per seed. Written atomically; returns its path."""
+    rows = grid_jobs(jobs)
+    columns = max(len(row) for row in rows)
+    with Image.open(folder / rows[0][0].file_name) as first:
+        tile = max(GRID_TILE, first.width)
+    font = ImageFont.load_default(13)
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + columns * tile, (len(rows) + 1) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+
+    def put(path, row: int, column: int) -> None:
+        with Image.open(path) as image:
+            resample = Image.Resampling.NEAREST if image.width < tile else Image.Resampling.LANCZOS
+            square = ImageOps.fit(ImageOps.exif_transpose(image).convert("RGB"), (tile, tile), resample)
+            grid.paste(square, (GRID_LABEL_WIDTH + column * tile, row * tile))
+
+    def label(text: str, row: int) -> None:
+        draw.multiline_text((6, row * tile + 6), "\n".join(textwrap.wrap(text, 22)), fill="black", font=font)
+
+    label("the subject's photos", 0)
+    for column, photo in enumerate(list(photos)[:columns]):
+        put(photo, 0, column)
+    for row, row_jobs in enumerate(rows, start=1):
+        label(row_jobs[0].prompt, row)
+        for column, job in enumerate(row_jobs):
+            put(folder / job.file_name, row, column)
+    path = folder / GRID_FILE
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
 
 
 def _write_manifest(

@@ -38,7 +38,17 @@ from sparse_dreambooth.runs import (
 
 SWEEP_KEYS = {"config", "output", "subjects", "settings", "grid", "sample", "evaluate", "report"}
 SAMPLE_KEYS = {"seeds", "num_steps", "guidance", "batch_size", "negative_prompt", "resolution", "prompts"}
-EVALUATE_KEYS = {"dino", "clip", "cmmd", "lpips", "device", "batch_size", "lpips_resolution", "cmmd_estimator"}
+EVALUATE_KEYS = {
+    "metric_models",
+    "dino",
+    "clip",
+    "cmmd",
+    "lpips",
+    "device",
+    "batch_size",
+    "lpips_resolution",
+    "cmmd_estimator",
+}
 REPORT_KEYS = {"resamples", "confidence", "seed", "rank_shapes", "grid_budget", "grid_prompts", "grid_columns", "out"}
 # Settings a method ignores (or rejects): left out of its config and its run name.
 # How grid keys appear in run names, in this order; other keys follow alphabetically as key-value.

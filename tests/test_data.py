@@ -69,7 +69,10 @@ def test_the_whole_dataset_has_30_subjects_of_4_to_6_photos(whole_dataset):
     assert all(4 <= len(subject.image_paths) <= 6 for subject in subjects)  # the paper's 4-6 per subject
     result = CliRunner().invoke(app, ["data", "list", "--data-root", str(whole_dataset)])
     assert result.exit_code == 0, result.output
-    assert len(result.output.splitlines()) == 1 + 1 + 30  # header, demo, the dataset
+    from sparse_dreambooth.micro.subjects import MICRO_SUBJECTS
+
+    # header, the micro subjects, the demo alias, the dataset
+    assert len(result.output.splitlines()) == 1 + len(MICRO_SUBJECTS) + 1 + 30
 
 
 def test_a_subject_missing_from_a_partial_copy_says_how_to_get_all(tmp_path):
@@ -135,25 +138,45 @@ def test_custom_subject(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The demo subject
+# The micro subjects and the demo alias
 
 
-def test_demo_subject_is_deterministic(monkeypatch, tmp_path):
+def test_micro_subject_photos_are_cached_once_and_deterministic(monkeypatch, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sparse_dreambooth.micro.subjects import PHOTO_COUNT, subject_photos
+
     generations = []
     for cache in ("first", "second"):
         monkeypatch.setenv("SPARSE_DB_CACHE", str(tmp_path / cache))
-        folder = data.demo_subject_dir()
-        assert folder == tmp_path / cache / "demo-subject-v1"
+        folder = data.micro_subject_dir("teal_dog")
+        assert folder == tmp_path / cache / "micro-subjects-v1" / "teal_dog"
         generations.append({path.name: path.read_bytes() for path in sorted(folder.iterdir())})
     assert generations[0] == generations[1]
-    assert len(generations[0]) == 4
-    assert len(set(generations[0].values())) == 4  # four different scenes, not one picture four times
+    assert len(set(generations[0].values())) == PHOTO_COUNT  # different photos, not one picture five times
+    # The cached PNGs are the rendered photos, pixel for pixel (the cache adds nothing and loses nothing).
+    cached = [np.asarray(Image.open(path)) for path in sorted(folder.iterdir())]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(cached, subject_photos("teal_dog"), strict=True))
+    assert not [path for path in folder.parent.iterdir() if path.name.startswith(".")]  # no staging left
+
+
+def test_micro_subjects_resolve_through_find_subject(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_DB_CACHE", str(tmp_path))
+    dog = data.find_subject("micro/teal_dog")
+    assert (dog.name, dog.class_name, dog.kind) == ("micro/teal_dog", "dog", "live")
+    assert data.evaluation_prompts(dog)[10] == "a zjw dog wearing a red hat"
+    assert data.find_subject("micro/star_can").kind == "object"
+    with pytest.raises(UserError, match="did you mean 'micro/teal_dog'"):
+        data.find_subject("micro/teal_dgo")
 
     demo = data.get_subject(None, "demo")
-    assert (demo.class_name, demo.kind, len(demo.image_paths)) == ("toy", "object", 4)
+    robot = data.get_subject(None, "micro/robot_toy")
+    assert (demo.name, demo.class_name, demo.kind) == ("demo", "toy", "object")
+    assert [path.read_bytes() for path in demo.image_paths] == [path.read_bytes() for path in robot.image_paths]
     assert data.instance_prompt(demo) == "a zjw toy"
     assert data.evaluation_prompts(demo)[0] == "a zjw toy in the jungle"
-    assert data.prepare_image(demo.image_paths[0], 64).pixels.shape == (3, 64, 64)
+    assert data.prepare_image(demo.image_paths[0], 32).pixels.shape == (3, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,14 +580,19 @@ def test_the_fixture_photos_are_the_dataset_s_downscaled(whole_dataset):
 # The `sparse-db data` commands
 
 
-def test_data_list_shows_subjects_and_the_demo():
+def test_data_list_shows_subjects_the_micro_ones_and_the_demo_alias():
+    from sparse_dreambooth.micro.subjects import MICRO_SUBJECTS
+
     result = CliRunner().invoke(app, ["data", "list", "--data-root", str(FIXTURE_DATA)])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()}
     assert rows["dog6"][1:4] == ["dog", "live", "5"]
     assert rows["backpack"][1:3] == ["backpack", "object"]
-    assert rows["demo"][1:4] == ["toy", "object", "4"] and "synthetic" in rows["demo"][4]
-    assert len(rows) == 1 + 1 + len(FIXTURE_SUBJECTS)  # header, demo, the subjects present
+    assert rows["micro/teal_dog"][1:4] == ["dog", "live", "5"]
+    assert rows["micro/star_can"][1:4] == ["can", "object", "5"]
+    assert rows["demo"][1:4] == ["toy", "object", "5"] and "alias of micro/robot_toy" in " ".join(rows["demo"])
+    # header, the micro subjects, demo, the dataset's subjects present
+    assert len(rows) == 1 + len(MICRO_SUBJECTS) + 1 + len(FIXTURE_SUBJECTS)
 
 
 def test_unknown_subject_is_one_line_and_exit_code_2(tmp_path):

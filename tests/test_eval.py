@@ -658,3 +658,69 @@ def test_sweep_stops_before_any_training_when_a_metric_model_is_missing(tmp_path
     # Training can still go ahead alone (e.g. on a cluster without the metric models).
     out = run_cli("sweep", str(path), "--dry-run", "--until", "train")
     assert [line.split()[1] for line in out.splitlines() if line.startswith("sparse-db")] == ["train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The micro metric models (--metric-models micro)
+
+
+def _micro_samples(folder: Path, subject_name: str, seed: int) -> list[str]:
+    """Render a micro subject into the first three evaluation prompts' contexts, as a loose samples
+    folder (two images per prompt); return the prompts' contexts."""
+    import dataclasses
+
+    from sparse_dreambooth.micro.subjects import MICRO_SUBJECTS
+    from sparse_dreambooth.micro.world import random_scene, render
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    contexts = ["in the jungle", "in the snow", "on the beach"]  # prompts 0-2 of both lists
+    for prompt_index, context in enumerate(contexts):
+        for sample_index in range(2):
+            scene = random_scene(rng, instance=MICRO_SUBJECTS[subject_name], context=context)
+            render(dataclasses.replace(scene, attribute=None)).save(
+                folder / f"prompt_{prompt_index:02d}_sample_{sample_index}_seed_{sample_index}.png"
+            )
+    return contexts
+
+
+def test_micro_metric_models_score_by_a_direct_computation_and_tell_subjects_apart(monkeypatch, tmp_path):
+    import csv
+
+    from sparse_dreambooth.data import get_subject
+    from sparse_dreambooth.micro.metric_models import load_metric_models
+
+    monkeypatch.setenv("SPARSE_DB_CACHE", str(tmp_path / "cache"))
+    _micro_samples(tmp_path / "same", "teal_dog", seed=1)
+    contexts = _micro_samples(tmp_path / "other", "mint_dog", seed=1)
+    for folder in ("same", "other"):
+        run_cli(
+            "evaluate", "--samples", str(tmp_path / folder), "--subject", "micro/teal_dog", "--metric-models", "micro"
+        )
+    same = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    other = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert same["models"] == {"dino": "micro", "clip": "micro", "cmmd": "micro", "lpips": "micro"}
+
+    # One image's DINO, CLIP-I and CLIP-T straight from the encoders: cosines averaged over the real photos.
+    models = load_metric_models()
+    rows = list(csv.DictReader((tmp_path / "same" / "metrics_per_image.csv").open()))
+    image = Image.open(tmp_path / "same" / rows[0]["file"]).convert("RGB")
+    real = [Image.open(path).convert("RGB") for path in get_subject(None, "micro/teal_dog").image_paths]
+
+    def mean_cosine(one: torch.Tensor, many: torch.Tensor) -> float:
+        return torch.nn.functional.cosine_similarity(one, many).mean().item()
+
+    assert float(rows[0]["dino"]) == pytest.approx(
+        mean_cosine(models.identity.embed_images([image]), models.identity.embed_images(real)), abs=1e-5
+    )
+    assert float(rows[0]["clip_i"]) == pytest.approx(
+        mean_cosine(models.dual.embed_images([image]), models.dual.embed_images(real)), abs=1e-5
+    )
+    assert rows[0]["clip_prompt"] == f"a dog {contexts[0]}"
+    assert float(rows[0]["clip_t"]) == pytest.approx(
+        mean_cosine(models.dual.embed_images([image]), models.dual.embed_texts([rows[0]["clip_prompt"]])), abs=1e-5
+    )
+    # They mean something: the subject itself scores above another dog on identity, both match their prompts.
+    assert same["metrics"]["dino"] > other["metrics"]["dino"] + 0.1, (same["metrics"], other["metrics"])
+    assert same["metrics"]["clip_i"] > other["metrics"]["clip_i"], (same["metrics"], other["metrics"])
+    assert same["metrics"]["lpips_diversity"] > 0 and same["metrics"]["cmmd"] < other["metrics"]["cmmd"]

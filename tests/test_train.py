@@ -109,6 +109,37 @@ def test_train_and_sample_on_a_real_dreambooth_subject(tmp_path, method):
     manifest = json.loads((run / "samples" / "samples.json").read_text())
     assert [image["file"] for image in manifest["images"]] == ["prompt_00_sample_0_seed_42.png"]
     assert Image.open(run / "samples" / "prompt_00_sample_0_seed_42.png").size == (32, 32)
+    assert Image.open(run / "samples" / "grid.png").size == (190 + 128, 2 * 128)  # photos row + one prompt
+
+
+def test_sample_grid_shows_photos_then_spread_prompts_by_seed(tmp_path):
+    from sparse_dreambooth.sample import plan_jobs, write_grid
+
+    prompts = [f"prompt number {index}" for index in range(25)]
+    jobs = plan_jobs(prompts, [42, 43, 44, 45])
+
+    def colour(index: int) -> tuple[int, int, int]:
+        return (index * 10 % 256, index * 37 % 256, index * 91 % 256)
+
+    for number, job in enumerate(jobs):
+        Image.new("RGB", (64, 64), colour(number)).save(tmp_path / job.file_name)
+    photos = []
+    for index in range(5):
+        photos.append(tmp_path / f"photo_{index}.png")
+        Image.new("RGB", (300, 200), (255, 0, index)).save(photos[-1])
+    grid = write_grid(tmp_path, jobs, photos)
+    assert grid == tmp_path / "grid.png" and not list(tmp_path.glob(".*"))  # nothing left from the atomic write
+    image = np.asarray(Image.open(grid))
+    # 64 px samples are shown as 128 px tiles after a 190 px label column: 4 seeds wide, photos + 8 prompts tall.
+    assert image.shape == (9 * 128, 190 + 4 * 128, 3)
+    # Rows 1-8: prompts 0, 3, 7, 10, 14, 17, 21, 24 (spread, first and last kept); columns: the seeds in order.
+    for row, prompt_index in enumerate([0, 3, 7, 10, 14, 17, 21, 24], start=1):
+        for column in range(4):
+            tile = image[row * 128 : (row + 1) * 128, 190 + column * 128 : 190 + (column + 1) * 128]
+            assert (tile == colour(prompt_index * 4 + column)).all(), (row, column)
+    top = image[:128, 190 : 190 + 4 * 128]  # the first 4 photos, centre-cropped to squares
+    assert all((top[:, 128 * index : 128 * (index + 1)] == (255, 0, index)).all() for index in range(4))
+    assert (image[128:, :190] != 255).any()  # the prompt labels are drawn
 
 
 @pytest.mark.slow
@@ -161,7 +192,7 @@ def test_sampling_renders_the_25_prompts_of_the_subjects_kind(tmp_path):
         "seed": 43,
         "prompt": "a zjw toy in the snow",
     }
-    assert len(list((run / "samples").glob("*.png"))) == 50
+    assert len(list((run / "samples").glob("prompt_*.png"))) == 50
 
 
 @pytest.mark.slow
@@ -187,7 +218,7 @@ def test_the_same_command_twice_gives_identical_bytes(tmp_path):
         files.append({path.name: path.read_bytes() for path in outputs})
         for path in outputs[1:]:
             path.unlink()  # sampling skips images already on disk
-    assert files[0].keys() == files[1].keys() and len(files[0]) == 3
+    assert files[0].keys() == files[1].keys() and len(files[0]) == 4  # adapter, 2 images, grid.png
     for name in files[0]:
         assert files[0][name] == files[1][name], name
 
@@ -242,7 +273,7 @@ def test_two_processes_train_and_sample(tmp_path):
     ]
     run_cli("sample", *sample_args, "--output", str(tmp_path / "one-process"))
     launch("sample", *sample_args, "--batch-size", "2", "--output", str(tmp_path / "two-processes"))
-    one_images = sorted((tmp_path / "one-process").glob("*.png"))
+    one_images = sorted((tmp_path / "one-process").glob("prompt_*.png"))
     assert len(one_images) == 6
     for path in one_images:
         a = np.asarray(Image.open(path), dtype=np.int16)
@@ -300,15 +331,15 @@ def test_a_run_shows_our_progress_and_messages_only(tmp_path):
         "sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "a zjw toy", cache=cache
     )
     expected = [
-        (train, "train:", f"adapter written to {run / 'adapter.safetensors'}"),
-        (sample, "sample:", f"1 images in {run / 'samples'}"),
+        (train, "train:", [f"adapter written to {run / 'adapter.safetensors'}"]),
+        (sample, "sample:", [f"1 images in {run / 'samples'}", f"grid: {run / 'samples' / 'grid.png'}"]),
     ]
-    for result, bar, message in expected:
+    for result, bar, messages in expected:
         assert result.returncode == 0, result.stderr[-3000:]
         output = result.stdout + result.stderr
         for noise in THIRD_PARTY_NOISE:
             assert noise not in output, f"{noise!r} in:\n{output[-3000:]}"
         lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
         assert any(line.startswith(bar) for line in lines), output[-3000:]
-        # Besides our bar and our warnings, exactly our one closing message.
-        assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == [message], output
+        # Besides our bar and our warnings, exactly our closing messages.
+        assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == messages, output

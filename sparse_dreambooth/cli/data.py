@@ -7,7 +7,8 @@ data module (PIL, numpy) inside its body.
 import typer
 
 data_app = typer.Typer(
-    help="Get and inspect the DreamBooth dataset (30 subjects) and the synthetic offline 'demo' subject.",
+    help="Get and inspect the DreamBooth dataset (30 subjects) and the micro subjects rendered offline "
+    "(micro/NAME; 'demo' is an alias of micro/robot_toy).",
     no_args_is_help=True,
 )
 
@@ -40,11 +41,18 @@ def download(
 
 @data_app.command("list")
 def list_subjects(data_root: str | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP)) -> None:
-    """List the subjects: name, class, kind (object or live) and number of images."""
+    """List the subjects: name, class, kind (object or live) and number of images.
+
+    The micro subjects (for `--model micro`) are always there; 'demo' is an alias of one of them.
+    """
     from sparse_dreambooth import data
 
     rows = [("SUBJECT", "CLASS", "KIND", "IMAGES", "SOURCE")]
-    rows.append((data.DEMO_SUBJECT, data.DEMO_CLASS, "object", str(data.DEMO_IMAGE_COUNT), "synthetic, drawn offline"))
+    for subject in [*data.micro_subjects(), data.micro_subject(data.DEMO_SUBJECT)]:
+        source = "micro world, rendered offline"
+        if subject.name == data.DEMO_SUBJECT:
+            source = f"alias of {data.MICRO_PREFIX}{data.DEMO_ALIAS_OF}"
+        rows.append((subject.name, subject.class_name, subject.kind, str(len(subject.image_paths)), source))
     root = data.resolve_data_root(data_root)
     dataset_present = (root / data.PROMPTS_FILE).is_file()
     if dataset_present:
@@ -63,7 +71,7 @@ def list_subjects(data_root: str | None = typer.Option(None, "--data-root", help
 
 @data_app.command("show")
 def show(
-    name: str = typer.Argument(..., help="Subject name, e.g. dog6, or 'demo'."),
+    name: str = typer.Argument(..., help="Subject name, e.g. dog6, micro/teal_dog, or 'demo' (= micro/robot_toy)."),
     data_root: str | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
     token: str = typer.Option("zjw", "--token", help="The rare token that stands for the subject in prompts."),
 ) -> None:

@@ -28,7 +28,7 @@ def evaluate_command(
         None, "--samples", help="folder of prompt_XX_sample_K_seed_S.png (+ samples.json); repeatable"
     ),
     subject: str | None = typer.Option(
-        None, "--subject", help="subject of --samples folders that belong to no run (e.g. dog6, demo)"
+        None, "--subject", help="subject of --samples folders that belong to no run (e.g. dog6, micro/teal_dog)"
     ),
     data_root: str | None = typer.Option(
         None, "--data-root", help="DreamBooth dataset folder (default: $SPARSE_DB_DATA)"
@@ -40,29 +40,37 @@ def evaluate_command(
     token: str | None = typer.Option(
         None, "--token", help="rare token removed from prompts for CLIP-T (default: the run's, else zjw)"
     ),
-    dino: str = typer.Option(
-        "facebook/dino-vits16",
+    metric_models: str = typer.Option(
+        "paper",
+        "--metric-models",
+        help="the set of networks: 'paper' (DINO ViT-S/16, CLIP ViT-B/32 and ViT-L/14-336, LPIPS alex) or "
+        "'micro' (the encoders trained in the micro world, shipped with the package; for --model micro runs "
+        "and micro/ subjects); --dino/--clip/--cmmd/--lpips override single ones",
+        rich_help_panel=_MODELS_PANEL,
+    ),
+    dino: str | None = typer.Option(
+        None,
         "--dino",
-        help="DINO model: Hub id, local folder or 'tiny'",
+        help="DINO model: Hub id, local folder, 'tiny' or 'micro' (default: the --metric-models set's)",
         rich_help_panel=_MODELS_PANEL,
     ),
-    clip: str = typer.Option(
-        "openai/clip-vit-base-patch32",
+    clip: str | None = typer.Option(
+        None,
         "--clip",
-        help="CLIP for CLIP-I/CLIP-T: Hub id, folder or 'tiny'",
+        help="CLIP for CLIP-I/CLIP-T: Hub id, folder, 'tiny' or 'micro'",
         rich_help_panel=_MODELS_PANEL,
     ),
-    cmmd: str = typer.Option(
-        "openai/clip-vit-large-patch14-336",
+    cmmd: str | None = typer.Option(
+        None,
         "--cmmd",
-        help="CLIP for CMMD: Hub id, folder, 'tiny' or 'none'",
+        help="CLIP for CMMD: Hub id, folder, 'tiny', 'micro' or 'none'",
         rich_help_panel=_MODELS_PANEL,
     ),
-    lpips: str = typer.Option(
-        "alex",
+    lpips: str | None = typer.Option(
+        None,
         "--lpips",
         help="LPIPS weights: 'alex'/'vgg' (made by scripts/convert_lpips.py), a .safetensors file, "
-        "folder or Hub repo, 'tiny' or 'none'",
+        "folder or Hub repo, 'tiny', 'micro' or 'none'",
         rich_help_panel=_MODELS_PANEL,
     ),
     device: str | None = typer.Option(None, "--device", help="torch device (default: cuda when available, else cpu)"),
@@ -91,6 +99,7 @@ def evaluate_command(
         class_name=class_name,
         token=token,
         cmmd_unbiased=cmmd_estimator == "unbiased",
+        metric_models=metric_models,
         dino=dino,
         clip=clip,
         cmmd=cmmd,

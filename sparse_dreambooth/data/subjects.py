@@ -1,8 +1,9 @@
-"""Training subjects: the DreamBooth dataset's 30, a folder of the user's photos, or the demo.
+"""Training subjects: the DreamBooth dataset's 30, a folder of the user's photos, or a micro subject.
 
 A *subject* is a handful of photos of one thing plus its class name ("dog", "backpack"). The
 DreamBooth protocol (Ruiz et al. 2023) has 30 of them, 9 "live" (the cats and dogs) and 21
-"objects"; each kind has its own 25 evaluation prompts.
+"objects"; each kind has its own 25 evaluation prompts. The micro subjects ("micro/teal_dog", ...)
+are rendered offline for `--model micro`; "demo" is an alias of "micro/robot_toy".
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from sparse_dreambooth.data import demo
-from sparse_dreambooth.errors import UserError
+from sparse_dreambooth.data.micro import DEMO_ALIAS_OF, DEMO_SUBJECT, MICRO_PREFIX, micro_subject_dir
+from sparse_dreambooth.errors import UserError, did_you_mean
 
 LIVE_CLASSES = ("cat", "dog")  # the protocol's 9 live subjects are the cats and dogs
-DEMO_SUBJECT = "demo"
-DEMO_CLASS = "toy"
 SUBJECT_KINDS = ("object", "live")
 PROMPTS_FILE = "prompts_and_classes.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -86,7 +85,8 @@ class Subject:
     """One subject to personalise the model on.
 
     Attributes:
-        name: Folder name, e.g. "dog6"; "demo" for the synthetic subject.
+        name: The name it was looked up by: "dog6", "micro/teal_dog", "demo"; a custom
+            subject's folder name.
         class_name: The coarse class the prompts use, e.g. "dog" in "a zjw dog".
         kind: "live" (cats and dogs) or "object"; picks the evaluation prompt list.
         image_paths: The subject's photos, sorted by file name.
@@ -198,7 +198,7 @@ def _image_files(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
 
 
 def list_subjects(root: str | os.PathLike) -> list[Subject]:
-    """The dataset's subjects present under `root`, sorted by name (the demo subject is not among them).
+    """The dataset's subjects present under `root`, sorted by name (the micro subjects are not among them).
 
     A copy holding only some subjects' folders (such as the tests' small fixture) lists just those;
     `prompts_and_classes.txt` may still name all 30.
@@ -231,18 +231,46 @@ def list_subjects(root: str | os.PathLike) -> list[Subject]:
     return subjects
 
 
+def micro_subject(name: str) -> Subject:
+    """A micro subject by its full name ("micro/teal_dog") or "demo", its photos rendered if need be.
+
+    Raises:
+        UserError: No micro subject has that name.
+    """
+    from sparse_dreambooth.micro.subjects import MICRO_SUBJECTS
+    from sparse_dreambooth.micro.world import CLASSES
+
+    short = DEMO_ALIAS_OF if name == DEMO_SUBJECT else name.removeprefix(MICRO_PREFIX)
+    if short not in MICRO_SUBJECTS:
+        known = [MICRO_PREFIX + known_name for known_name in sorted(MICRO_SUBJECTS)]
+        raise UserError(
+            f"unknown micro subject {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}, "
+            f"and {DEMO_SUBJECT!r} ({MICRO_PREFIX}{DEMO_ALIAS_OF})"
+        )
+    class_name = MICRO_SUBJECTS[short].class_name
+    return Subject(name, class_name, CLASSES[class_name], _image_files(micro_subject_dir(short)))
+
+
+def micro_subjects() -> list[Subject]:
+    """Every micro subject, by its full name, sorted (the "demo" alias is not repeated)."""
+    from sparse_dreambooth.micro.subjects import MICRO_SUBJECTS
+
+    return [micro_subject(MICRO_PREFIX + name) for name in sorted(MICRO_SUBJECTS)]
+
+
 def get_subject(root: str | os.PathLike | None, name: str) -> Subject:
     """Look a subject up by name.
 
     Args:
-        root: The dataset folder; unused (may be None) for the demo subject.
-        name: A DreamBooth subject ("dog6") or "demo" for the synthetic offline subject.
+        root: The dataset folder; unused (may be None) for micro subjects and "demo".
+        name: A DreamBooth subject ("dog6"), a micro subject ("micro/teal_dog") or "demo" (an
+            alias of "micro/robot_toy").
 
     Raises:
-        UserError: The dataset is missing (for a non-demo name) or has no subject of that name.
+        UserError: The dataset is missing (for a DreamBooth name) or has no subject of that name.
     """
-    if name == DEMO_SUBJECT:
-        return Subject(DEMO_SUBJECT, DEMO_CLASS, "object", _image_files(demo.demo_subject_dir()))
+    if name == DEMO_SUBJECT or name.startswith(MICRO_PREFIX):
+        return micro_subject(name)
     if root is None:
         raise UserError(_missing_dataset_message(resolve_data_root(None)))
     subjects = {subject.name: subject for subject in list_subjects(root)}
@@ -253,8 +281,9 @@ def get_subject(root: str | os.PathLike | None, name: str) -> Subject:
         )
     if name not in subjects:
         raise UserError(
-            f"unknown subject {name!r}; known subjects: {', '.join([DEMO_SUBJECT, *subjects])} "
-            "(the DreamBooth ones are fetched by `sparse-db data download`)"
+            f"unknown subject {name!r}; known subjects: {', '.join([DEMO_SUBJECT, *subjects])}, and the "
+            f"micro ones listed by `sparse-db data list` ({MICRO_PREFIX}NAME; the DreamBooth ones are "
+            "fetched by `sparse-db data download`)"
         )
     return subjects[name]
 
@@ -266,7 +295,8 @@ def find_subject(
     class_name: str | None = None,
 ) -> Subject:
     """The subject a command names: the user's own photos when `instance_dir` is given, else the
-    DreamBooth subject (or "demo") called `name`, looked up under `resolve_data_root(data_root)`."""
+    subject called `name`: a micro one ("micro/NAME", "demo") or a DreamBooth one, looked up under
+    `resolve_data_root(data_root)`."""
     if instance_dir is not None:
         if not class_name:
             raise UserError("--instance-dir needs --class-name, e.g. --class-name dog")
