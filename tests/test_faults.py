@@ -106,7 +106,7 @@ def test_sample_from_another_directory_needs_no_photos(relative_run, tmp_path, m
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "samples"
     run_ok("sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "a zjw vase", "--output", out)
-    assert len(list(out.glob("*.png"))) == 1
+    assert len(list(out.glob("prompt_*.png"))) == 1
     # Even with the photos gone: sampling needs the class and kind, which the run recorded.
     moved = home / "elsewhere"
     Path(saved).rename(moved)
@@ -114,7 +114,7 @@ def test_sample_from_another_directory_needs_no_photos(relative_run, tmp_path, m
         run_ok("sample", "--run", run, "--num-steps", "1", "--seeds", "43", "--prompt", "a zjw vase", "--output", out)
     finally:
         moved.rename(saved)
-    assert len(list(out.glob("*.png"))) == 2
+    assert len(list(out.glob("prompt_*.png"))) == 2
 
 
 def test_resume_latest_accepts_the_same_folder_however_spelled(relative_run, monkeypatch):
