@@ -8,11 +8,12 @@ resumes where it stopped (rerun the same command):
   2. train the VAE on 32 px crops of them (it is convolutional, so crops teach it at a quarter of the
      cost), then round it to fp16, as it ships;
   3. encode every scene once (posterior mean and std) and measure the latent scaling factor;
-  4. train the UNet on those latents with SDXL's noise schedule and conditioning, 10 % of captions
-     dropped to zero embeddings (what the pipeline feeds for "no prompt") so classifier-free guidance
-     works; half the captions start "a photo of", half are in the prompt lists' bare form;
-  5. write sparse_dreambooth/micro/<weights file> (fp16: EMA UNet, VAE, the frozen random text
-     encoders) and print its sha256, which goes into sparse_dreambooth/micro/model.py.
+  4. train the UNet (and both text encoders with it) on those latents with SDXL's noise schedule
+     and conditioning, 10 % of captions dropped to zero embeddings (what the pipeline feeds for
+     "no prompt") so classifier-free guidance works; half the captions start "a photo of", half
+     are in the prompt lists' bare form;
+  5. write sparse_dreambooth/micro/<weights file> (fp16: the EMA of the UNet and text
+     encoders, the VAE) and print its sha256, which goes into sparse_dreambooth/micro/model.py.
 
 Deterministic: every random choice comes from a seed and the step number, torch runs one thread, so
 the same command on the same machine writes the same bytes (resumed or not).

@@ -7,7 +7,7 @@ as on the real model. Sizes fit 64 px images: the VAE downsamples 4x to 16x16x4 
 
 The weights are trained once by `scripts/pretrain_micro.py` and ship in this package as one fp16
 safetensors file; loading checks its sha256, so a damaged install fails with one clear line. The
-text encoders are frozen at their seeded random initialisation: the UNet learned to read them.
+text encoders were pretrained with the UNet; DreamBooth training keeps them frozen, as on SDXL.
 """
 
 from __future__ import annotations
