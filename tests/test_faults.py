@@ -54,6 +54,7 @@ def cli(*args, cache: Path):
 # --- --output that cannot be a run folder ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_file_or_unwritable_is_one_line(tmp_path):
     existing = tmp_path / "notes.txt"
     existing.write_text("mine")
@@ -117,6 +118,7 @@ def test_sample_from_another_directory_needs_no_photos(relative_run, tmp_path, m
     assert len(list(out.glob("prompt_*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_resume_latest_accepts_the_same_folder_however_spelled(relative_run, monkeypatch):
     home, run, args = relative_run
     monkeypatch.chdir(home)
@@ -215,6 +217,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_sample_leaves_no_temporary_file(relative_run, tmp_path, signum):
     _, run, _ = relative_run

@@ -44,6 +44,7 @@ def modes_under(folder: Path) -> dict[str, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_every_file_written_has_the_mode_open_would_give(tmp_path, umask):
     cache = tmp_path / "cache"
