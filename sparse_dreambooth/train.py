@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import math
+import os
 import platform
 import shutil
 import signal
@@ -137,7 +138,9 @@ def _check_checkpoint_adapter(config: TrainConfig, checkpoint: Path) -> None:
 
     saved, _, _ = read_adapter(checkpoint / runs.ADAPTER_FILE)
     ours = config.adapter.to_dict()
-    changed = [key for key, value in saved.to_dict().items() if ours.get(key) != value]
+    changed = [
+        key for key, value in saved.to_dict().items() if ours.get(key) != value and key not in runs.RESUMABLE_CHANGES
+    ]
     if changed:
         key = changed[0]
         raise UserError(
@@ -373,8 +376,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     Everything a user can get wrong is checked before a model loads. SIGINT/SIGTERM end the run
     after the current step with a checkpoint (exit code 130/143); `resume="latest"` continues it.
     """
-    from accelerate import Accelerator
-
     started = time.perf_counter()
     config = _with_absolute_paths(config)
     output = config.output_dir
@@ -386,12 +387,47 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
 
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
+    with deterministic_algorithms(config.train.deterministic):
+        accelerator = make_accelerator(config)
+        lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
+        with lock, StopRequests() as stop:
+            return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's Accelerator. DDP broadcasts no buffers on each forward: the only buffers of the
+    adapted UNet are the adapters' positions and kernel plans (about 0.3 GB on SDXL), constant and
+    equal on every process by construction (the same seed or the same file), and SDXL's UNet has
+    no running statistics. DDP still checks that every process starts from the same state."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(config.output_dir / runs.LOGS),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
-    lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock, StopRequests() as stop:
-        return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic mode for the run (`train.deterministic`), restored afterwards.
+
+    cuBLAS needs its workspace setting before its first call for the same bytes on CUDA; the
+    sparse kernels read the mode and sum without atomics. Off, nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
 
 
 def _run(
