@@ -237,7 +237,7 @@ def _setup(
     unet.train()
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer, lr_scheduler = _optimizer(trainable, config)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer = prepare_for_training(accelerator, unet, optimizer)
     training = Training(
         accelerator=accelerator,
         pipe=pipe,
@@ -376,6 +376,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     Everything a user can get wrong is checked before a model loads. SIGINT/SIGTERM end the run
     after the current step with a checkpoint (exit code 130/143); `resume="latest"` continues it.
     """
+    from accelerate import Accelerator
+
     started = time.perf_counter()
     config = _with_absolute_paths(config)
     output = config.output_dir
@@ -388,25 +390,28 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     check_adapter_fits(config)
 
     with deterministic_algorithms(config.train.deterministic):
-        accelerator = make_accelerator(config)
+        accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
+        )
         lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
         with lock, StopRequests() as stop:
             return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The run's Accelerator. DDP broadcasts no buffers on each forward: the only buffers of the
-    adapted UNet are the adapters' positions and kernel plans (about 0.3 GB on SDXL), constant and
-    equal on every process by construction (the same seed or the same file), and SDXL's UNet has
-    no running statistics. DDP still checks that every process starts from the same state."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+def prepare_for_training(accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare` the adapted UNet and its optimizer, with DDP broadcasting no buffers.
 
-    return Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        log_with="tensorboard",
-        project_dir=str(config.output_dir / runs.LOGS),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
+    DDP by default re-sends every buffer from rank 0 on each synced forward. The adapted UNet's
+    only buffers are the adapters' positions and kernel plans (about 0.3 GB on SDXL): constants,
+    equal on every process by construction (one seed, or one adapter file), and SDXL's UNet has
+    no running statistics to keep in step. DDP still syncs them once when it wraps the model.
+    Set on the wrapper rather than through DistributedDataParallelKwargs, which newer torch
+    deprecates and which would skip that first sync as well.
+    """
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if isinstance(unet, torch.nn.parallel.DistributedDataParallel):
+        unet.broadcast_buffers = False
+    return unet, optimizer
 
 
 @contextlib.contextmanager
