@@ -398,26 +398,23 @@ def test_sddmm_chunks_follow_the_device_budget(monkeypatch):
     assert_relative_close(gradient(), chunked, 1e-5)
 
 
-@pytest.mark.parametrize("wavelet", ["db1", None])
-def test_bf16_forward_keeps_updates_below_half_a_weight_step(wavelet):
-    """bf16 weights of 1 (a step of 2^-7) and a delta of 1e-3, below half a step: added into the
-    weight it rounds away (the fused forward used to return the base output exactly). The inputs
-    come in +u, -u pairs, so the base output is 0 and the adapter's share x @ delta^T is all there
-    is to see; the fused forward must show it, rounded once."""
-    shape, half = (16, 24), 12
-    layer = make_layer(shape, wavelet, budget=40, bias=False, scaling=1.0)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wavelet", ["db1", "db3", None])
+def test_half_precision_forward_rounds_the_patched_weight_once(wavelet, weight_dtype):
+    """The fused forward under autocast is the matmul with round(W + delta), the sum formed in
+    float32: not W + round(delta), which rounds twice. Oracle: the dense delta, summed by hand."""
+    layer = make_layer((40, 24), wavelet, budget=60, scaling=25.0)
     with torch.no_grad():
-        layer.base.weight.fill_(1.0)
-        layer.adapter.coefficients.fill_(1e-3)
-    layer.base.to(torch.bfloat16)
-    u = torch.rand(64, half, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([u, -u], dim=1).bfloat16()
-    assert torch.count_nonzero(layer.base(x)) == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = layer(x)
-    share = x.double() @ layer.adapter.delta_weight().double().t()
-    assert share.abs().max() > 1e-3
-    torch.testing.assert_close(output.double(), share, rtol=2**-8, atol=1e-7)
+        layer.adapter.coefficients.mul_(1e-3)  # deltas near a half-precision step of the weights
+    layer.base.to(weight_dtype)
+    x = torch.randn(7, 24).to(weight_dtype)
+    with torch.no_grad():
+        patched = (layer.base.weight.float() + layer.adapter.delta_weight()).to(weight_dtype)
+        twice = layer.base.weight + layer.adapter.delta_weight().to(weight_dtype)
+        assert not torch.equal(patched, twice), "the case must tell one rounding from two"
+        with torch.autocast("cpu", dtype=weight_dtype):
+            output, expected = layer(x), F.linear(x, patched, layer.base.bias)
+    assert torch.equal(output, expected)
 
 
 @pytest.mark.parametrize("wavelet", ["db1", "db3", "sym4", None])

@@ -23,12 +23,12 @@ matrix (p L^2 entries); its backward is the same SDDMM.
 Coefficient gradients are accumulated in float32 (float64 when the coefficients are float64)
 whatever the activations' dtype, so mixed-precision training gets float32 gradients.
 
-With a bf16/fp16 weight the fused forward does not add the delta into the weight: an entry of the
-delta smaller than half a step of its weight entry would round away, the same way for every
-token, and the loss would not see it (while its gradient still counts). The base layer's matmul
-runs on the untouched weight and the adapter's share x @ delta^T is added in float32 beside it,
-rounded once into the output, where the base values of the tokens differ and the share survives
-on average. Its backward keeps the in-place patch for grad_input.
+With a bf16/fp16 weight, W + delta is formed in float32 and rounded once, so an entry of the delta
+below half a bf16 step of its weight entry is lost to the forward (its gradient still counts).
+Adding x @ delta^T in float32 beside the bf16 matmul instead keeps it, but rounds the output a
+second time; measured over training at scaling 1, 5 and 25 (BENCHMARKS.md, "bf16 and small
+updates") that lands as far or further from float32 training in all but one case, at 1.4-2.5x
+the layer's time on CPU, so the fused path keeps the delta in the weight.
 
 Under torch.use_deterministic_algorithms(True) (`train.deterministic`), the taps landing on one
 weight entry are summed by a segmented reduction over taps sorted by entry instead of an
@@ -366,13 +366,6 @@ def delta_added(weight: torch.Tensor, touched: torch.Tensor, delta: torch.Tensor
         flat.scatter_(0, touched, original)
 
 
-def keeps_small_updates_apart(weight: torch.Tensor, delta: torch.Tensor) -> bool:
-    """Whether the fused forward adds the adapter's share beside the matmul, not into the weight:
-    when the weight is narrower than the delta (bf16/fp16 against float32), where adding the delta
-    into it would round its small entries away."""
-    return weight.dtype != delta.dtype and torch.promote_types(weight.dtype, delta.dtype) == delta.dtype
-
-
 class FusedSparseLinear(torch.autograd.Function):
     """y = F.linear(x, W + delta, b) for a frozen W, b: one matmul forward, one backward."""
 
@@ -380,21 +373,13 @@ class FusedSparseLinear(torch.autograd.Function):
     def forward(ctx, x, coefficients, weight, bias, plan: SparsePlan):
         delta = plan.touched_delta(coefficients)
         # Autocast (if on) applies to this F.linear exactly as it does to the base layer's own.
-        if keeps_small_updates_apart(weight, delta):
+        with delta_added(weight, plan.touched, delta):
             output = F.linear(x, weight, bias)
-        else:
-            with delta_added(weight, plan.touched, delta):
-                output = F.linear(x, weight, bias)
         # The touched entries of the delta (p L^2 values at most) are kept for grad_input.
         ctx.save_for_backward(x, coefficients, delta)
         ctx.weight, ctx.plan, ctx.matmul_dtype = weight, plan, output.dtype
         # base(x) + adapter(x) has the wider of the base output's and the input's dtypes.
-        result_dtype = torch.promote_types(output.dtype, x.dtype)
-        if keeps_small_updates_apart(weight, delta):
-            with _without_autocast(x.device.type):
-                share = plan.delta_share(x, delta, delta.dtype)  # float32, rounded once below
-            return torch.add(output.reshape(share.shape), share).to(result_dtype).view(output.shape)
-        return output if output.dtype == result_dtype else output.to(result_dtype)
+        return output if output.dtype == x.dtype else output.to(torch.promote_types(output.dtype, x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
