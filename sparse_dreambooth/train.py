@@ -402,7 +402,7 @@ def prepare_for_training(accelerator: Accelerator, unet: torch.nn.Module, optimi
     """`accelerator.prepare` the adapted UNet and its optimizer, with DDP broadcasting no buffers.
 
     DDP by default re-sends every buffer from rank 0 on each synced forward. The adapted UNet's
-    only buffers are the adapters' positions and kernel plans (about 0.3 GB on SDXL): constants,
+    only buffers are the adapters' positions and kernel plans (0.31 GB for WaveFT on SDXL): constants,
     equal on every process by construction (one seed, or one adapter file), and SDXL's UNet has
     no running statistics to keep in step. DDP still syncs them once when it wraps the model.
     Set on the wrapper rather than through DistributedDataParallelKwargs, which newer torch

@@ -132,7 +132,6 @@ class SparsePlan:
     cols: AxisFilter
     touched: torch.Tensor  # (U,) sorted flat indices of the weight entries the delta can change
     touched_crow: torch.Tensor  # (out + 1,) CSR row pointers of `touched`
-    touched_col: torch.Tensor  # (U,) the column of each touched entry
     # One entry per tap that lands inside W (T <= p L^2), in (coefficient, row tap, column tap)
     # order: its coefficient, the touched entry it lands on and its weight rec[row band][a] *
     # rec[col band][b].
@@ -169,7 +168,7 @@ class SparsePlan:
 
     def sparse_delta(self, delta_values: torch.Tensor) -> torch.Tensor:
         """The delta as an (out x in) CSR matrix with `delta_values` at the touched entries."""
-        return _csr(self.touched_crow, self.touched_col, delta_values, self.shape)
+        return _csr(self.touched_crow, self.touched % self.shape[1], delta_values, self.shape)
 
     def delta_share(self, x: torch.Tensor, delta_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x @ delta^T as a (tokens x out) `dtype` matrix, with the delta as a CSR matrix."""
@@ -259,7 +258,6 @@ def build_plan(
     return {
         "touched": touched,
         "touched_crow": _row_pointers(touched // shape[1], shape[0]),
-        "touched_col": touched % shape[1],
         "tap_coefficient": coefficient,
         "tap_entry": tap_entry,
         "tap_weight": tap_weight,

@@ -118,7 +118,6 @@ class SparseAdapter(nn.Module):
             cols=cols,
             touched=self._touched,
             touched_crow=self._touched_crow,
-            touched_col=self._touched_col,
             tap_coefficient=self._tap_coefficient,
             tap_entry=self._tap_entry,
             tap_weight=self._tap_weight,
