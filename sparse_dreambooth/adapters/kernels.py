@@ -26,9 +26,9 @@ whatever the activations' dtype, so mixed-precision training gets float32 gradie
 With a bf16/fp16 weight, W + delta is formed in float32 and rounded once, so an entry of the delta
 below half a bf16 step of its weight entry is lost to the forward (its gradient still counts).
 Adding x @ delta^T in float32 beside the bf16 matmul instead keeps it, but rounds the output a
-second time; measured over training at scaling 1, 5 and 25 (BENCHMARKS.md, "bf16 and small
-updates") that lands as far or further from float32 training in all but one case, at 1.4-2.5x
-the layer's time on CPU, so the fused path keeps the delta in the weight.
+second time. Measured over training at scaling 1, 5 and 25 (BENCHMARKS.md, "bf16 and small
+updates"), that ends as far from float32 training or further in all cases but one, at up to
+2.5x the layer's time on CPU, so the fused path keeps the delta in the weight.
 
 Under torch.use_deterministic_algorithms(True) (`train.deterministic`), the taps landing on one
 weight entry are summed by a segmented reduction over taps sorted by entry instead of an
