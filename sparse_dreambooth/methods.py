@@ -39,7 +39,7 @@ class Adapter(Protocol):
 
 # Keys of AdapterConfig that only some methods read; method, budget, budget_scale, adapter_seed
 # and targets mean the same for every method.
-METHOD_SPECIFIC_KEYS = frozenset({"scaling", "wavelet", "allocation", "cap_budget", "kernel", "rank", "alpha"})
+METHOD_SPECIFIC_KEYS = frozenset({"scaling", "wavelet", "allocation", "cap_budget", "rank", "alpha"})
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Method:
         return (lora_ranks if self.low_rank else sparse_budgets)(config, shapes)
 
 
-_SPARSE_KEYS = frozenset({"scaling", "allocation", "cap_budget", "kernel"})
+_SPARSE_KEYS = frozenset({"scaling", "allocation", "cap_budget"})
 METHODS: dict[str, Method] = {
     "waveft": Method(
         "waveft", low_rank=False, wavelet_transform=True, keys=_SPARSE_KEYS | {"wavelet"}, peft_type="WAVEFT"
