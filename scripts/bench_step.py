@@ -13,6 +13,9 @@ projections at the default budget, noise-prediction MSE, backward, AdamW), with 
 checkpointing off and on. The methods share one UNet: each has its adapters built once and
 swapped in before its timed step, and the steps run round-robin in a rotating order, so a slow
 spell of a shared machine hits every method alike. Ratios are against LoRA r=1.
+`--methods` adds PEFT's WaveFT (`peft-waveft`, trained only: sampling merges our adapters).
+Peak memory: per step with `--memory` (the CUDA allocator on GPUs, the profiler on CPU), and the
+run's torch.cuda.max_memory_allocated on CUDA or peak resident set on CPU in the JSON.
 
 Sampling: the base model against each adapter merged into the weights. For the tiny model this is
 the whole pipeline (text encoders, denoising with classifier-free guidance, VAE decode); for the
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import tempfile
 
 import torch
@@ -40,9 +44,10 @@ from bench_adapters import (
 from torch.nn import functional as F
 
 from sparse_dreambooth.adapters.layer import AdaptedLinear, build_adapters, merge, target_linears, unmerge
-from sparse_dreambooth.config import AdapterConfig
+from sparse_dreambooth.config import DEFAULT_BUDGET, AdapterConfig
 
 METHODS = ("lora", "waveft", "random-sparse")
+PEFT_METHODS = ("peft-waveft",)  # PEFT's own WaveFT layers on the same projections (peft installed)
 
 
 class AdapterSwitch:
@@ -53,8 +58,11 @@ class AdapterSwitch:
         self.linears = target_linears(unet, AdapterConfig().targets)
         unet.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
-        self.layers: dict[str, dict[str, AdaptedLinear]] = {}
+        self.layers: dict[str, dict[str, torch.nn.Module]] = {}
         for method in methods:
+            if method in PEFT_METHODS:
+                self.layers[method] = peft_layers(self.linears, generator)
+                continue
             adapters = build_adapters(AdapterConfig(method=method), self.linears)
             with torch.no_grad():  # nonzero values, as after some training
                 for adapter in adapters.values():
@@ -65,7 +73,12 @@ class AdapterSwitch:
             }
 
     def parameters(self, method: str) -> list[torch.nn.Parameter]:
-        return [parameter for layer in self.layers[method].values() for parameter in layer.adapter.parameters()]
+        return [
+            parameter
+            for layer in self.layers[method].values()
+            for parameter in layer.parameters()
+            if parameter.requires_grad
+        ]
 
     def _install(self, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
@@ -86,6 +99,30 @@ class AdapterSwitch:
                 self._install(self.layers[method])
                 unmerge(self.unet)
             self._install(self.linears)
+
+
+def peft_layers(linears: dict[str, torch.nn.Linear], generator: torch.Generator) -> dict[str, torch.nn.Module]:
+    """PEFT's WaveFT (db1, p = 2592, scaling 25, seed 777: our defaults) around each linear."""
+    from peft import WaveFTConfig, get_peft_model
+
+    config = AdapterConfig()
+    layers = {}
+    for name, linear in linears.items():
+        holder = torch.nn.Module()
+        holder.proj = linear
+        peft_config = WaveFTConfig(
+            n_frequency=config.budget or DEFAULT_BUDGET,
+            scaling=config.scaling,
+            wavelet_family=config.wavelet,
+            random_loc_seed=config.adapter_seed,
+            target_modules=["proj"],
+        )
+        layer = get_peft_model(holder, peft_config).base_model.model.proj
+        with torch.no_grad():
+            spectrum = layer.waveft_spectrum["default"]
+            spectrum.copy_(1e-3 * torch.randn(spectrum.shape, generator=generator))
+        layers[name] = layer
+    return layers
 
 
 def unet_inputs(config, batch: int, resolution: int, device, dtype, seed: int = 0):
@@ -174,7 +211,8 @@ def load_model(model: str, device, dtype):
 def bench_model(model: str, resolution: int, args, device) -> list[dict]:
     dtype = DTYPES[args.dtype]
     unet, pipe = load_model(model, device, dtype)
-    switch = AdapterSwitch(unet)
+    methods = args.methods
+    switch = AdapterSwitch(unet, methods)
     batch = unet_inputs(unet.config, 1, resolution, device, dtype)
     rows = []
     for checkpointing in args.checkpointing:
@@ -183,10 +221,10 @@ def bench_model(model: str, resolution: int, args, device) -> list[dict]:
         else:
             unet.disable_gradient_checkpointing()
         unet.train()
-        steps = {method: training_step(unet, switch, method, batch, dtype, device) for method in METHODS}
-        contexts = {method: (lambda method=method: switch.using(method)) for method in METHODS}
+        steps = {method: training_step(unet, switch, method, batch, dtype, device) for method in methods}
+        contexts = {method: (lambda method=method: switch.using(method)) for method in methods}
         times = interleaved_times(steps, args.repeats, args.warmup, device, args.clock, contexts)
-        for method in METHODS:
+        for method in methods:
             row = {
                 "model": model,
                 "resolution": resolution,
@@ -202,15 +240,18 @@ def bench_model(model: str, resolution: int, args, device) -> list[dict]:
         print(f"{model} {resolution}px training, checkpointing {'on' if checkpointing else 'off'}: done", flush=True)
     unet.disable_gradient_checkpointing()
     unet.eval()
+    if not args.sample_repeats:
+        return rows
+    merged = [method for method in methods if method not in PEFT_METHODS]  # merge() knows our layers only
     sample = (
         pipeline_call(pipe, resolution, args.sample_steps)
         if pipe is not None
         else denoising_loop(unet, batch, args.sample_steps)
     )
-    cases = ["base", *(f"{method} merged" for method in METHODS)]
+    cases = ["base", *(f"{method} merged" for method in merged)]
     contexts = {"base": lambda: switch.using(None)}
     contexts.update(
-        {f"{method} merged": (lambda method=method: switch.using(method, merged=True)) for method in METHODS}
+        {f"{method} merged": (lambda method=method: switch.using(method, merged=True)) for method in merged}
     )
     times = interleaved_times(dict.fromkeys(cases, sample), args.sample_repeats, 1, device, args.clock, contexts)
     for case in cases:
@@ -253,7 +294,7 @@ def check_targets(rows: list[dict]) -> list[str]:
     """SDXL-architecture step: WaveFT / LoRA <= 1.0; sampling merged / base <= 1.02."""
     verdicts = []
     for row in rows:
-        if row["kind"] == "train" and row["method"] != "lora":
+        if row["kind"] == "train" and row["method"] not in ("lora", *PEFT_METHODS):
             ok = row["time_vs_lora"] <= 1.0
             what = f"train ckpt {'on' if row['checkpointing'] else 'off'}"
             verdicts.append(
@@ -278,6 +319,13 @@ def on_off(value: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("tiny", "sdxl"), default=["tiny", "sdxl"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS + PEFT_METHODS,
+        default=list(METHODS),
+        help="methods to train (default: %(default)s; lora first, the reference of the ratios)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="weights; half precision trains under autocast"
@@ -295,7 +343,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps per method and mode (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")
     parser.add_argument("--sample-steps", type=int, default=2, help="denoising steps per sampling call (default: 2)")
-    parser.add_argument("--sample-repeats", type=int, default=5, help="timed sampling calls per case (default: 5)")
+    parser.add_argument(
+        "--sample-repeats", type=int, default=5, help="timed sampling calls per case, 0 for none (default: 5)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0 keeps torch's default (default: 1)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), help="wall or process CPU time (default: cpu on CPU, wall on GPU)"
@@ -305,6 +355,8 @@ def main() -> None:
     )
     parser.add_argument("--json", default="bench_step.json", help="where to write the results (default: %(default)s)")
     args = parser.parse_args()
+    if "lora" not in args.methods:
+        parser.error("--methods must include lora: the ratios are against it")
 
     device = torch.device(args.device)
     args.clock = args.clock or default_clock(device)
@@ -321,6 +373,10 @@ def main() -> None:
     print("\n".join(["", "targets:", *verdicts]))
     settings = {**vars(args), "checkpointing": ["on" if mode else "off" for mode in args.checkpointing]}
     result = {"environment": environment(device, threads), "settings": settings, "rows": rows, "targets": verdicts}
+    if device.type == "cuda":
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:  # the process's peak resident set: the model, every method's adapters and the steps
+        result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(args.json, "w") as stream:
         json.dump(result, stream, indent=1)
     print(f"\nwritten to {args.json}")

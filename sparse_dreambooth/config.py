@@ -18,6 +18,7 @@ from sparse_dreambooth.errors import UserError, did_you_mean
 
 METHODS = ("waveft", "random-sparse", "lora")
 ALLOCATIONS = ("uniform", "proportional")
+KERNELS = ("fused", "delta", "reference")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 SDXL_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -72,6 +73,11 @@ class AdapterConfig:
     wavelet: str = setting("db1", "WaveFT wavelet: any discrete pywt wavelet (db1-38, sym, coif, bior, rbio)")
     rank: int | None = setting(None, "LoRA rank (default: the rank nearest the budget)")
     alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank)")
+    kernel: str = setting(
+        "fused",
+        "how sparse layers train: fused (base and adapter in one matmul) | delta (base layer plus the "
+        "sparse delta's share) | reference (base layer plus the dense delta through autograd, as PEFT; escape hatch)",
+    )
     adapter_seed: int = setting(777, "seed of the adapter's random choices: sparse positions, LoRA init")
     targets: list = setting(list(SDXL_ATTENTION_TARGETS), "module-name patterns of the linears to adapt")
 
@@ -88,6 +94,7 @@ class AdapterConfig:
         _positive("budget", self.budget, "a positive number of parameters per layer")
         _positive("budget_scale", self.budget_scale)
         _choose("allocation", self.allocation, ALLOCATIONS)
+        _choose("kernel", self.kernel, KERNELS)
         if self.method == "lora" and self.allocation != "uniform":
             raise UserError("LoRA uses one rank for every layer: set allocation to uniform")
         if self.rank is not None and self.method != "lora":
@@ -144,6 +151,9 @@ class TrainSettings:
     mixed_precision: str = setting("bf16", "no | fp16 | bf16 (adapter weights and VAE stay fp32)")
     gradient_checkpointing: bool = setting(True, "trade compute for memory in the UNet")
     seed: int = setting(42, "seed of the run: data order, noise, timesteps")
+    deterministic: bool = setting(
+        False, "deterministic algorithms only (torch's, and a sparse-kernel sum without atomics): same bytes on CUDA"
+    )
     checkpoint_every: int = setting(100, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_kept: int = setting(2, "how many recent checkpoints to keep")
     validate_every: int = setting(0, "render validation images every N steps (0: never)")

@@ -45,7 +45,17 @@ SAMPLE_NAME = re.compile(r"^prompt_(\d+)_sample_(\d+)_seed_(-?\d+)\.png$")
 SAMPLE_GLOB = "prompt_*_sample_*_seed_*.png"
 # Settings that may change when a run is resumed: they do not change what was computed so far.
 # `output` is the folder the saved settings were read from, however it is spelled.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoints_kept", "validate_every", "validation_prompt", "output"}
+# `kernel` and `deterministic` change how a step is computed, not what is trained.
+RESUMABLE_CHANGES = {
+    "steps",
+    "checkpoint_every",
+    "checkpoints_kept",
+    "validate_every",
+    "validation_prompt",
+    "output",
+    "kernel",
+    "deterministic",
+}
 # Settings naming a path: compared as the folder they resolve to.
 PATH_SETTINGS = {"data_root", "instance_dir"}
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import math
+import os
 import platform
 import shutil
 import signal
@@ -137,7 +138,9 @@ def _check_checkpoint_adapter(config: TrainConfig, checkpoint: Path) -> None:
 
     saved, _, _ = read_adapter(checkpoint / runs.ADAPTER_FILE)
     ours = config.adapter.to_dict()
-    changed = [key for key, value in saved.to_dict().items() if ours.get(key) != value]
+    changed = [
+        key for key, value in saved.to_dict().items() if ours.get(key) != value and key not in runs.RESUMABLE_CHANGES
+    ]
     if changed:
         key = changed[0]
         raise UserError(
@@ -234,7 +237,7 @@ def _setup(
     unet.train()
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer, lr_scheduler = _optimizer(trainable, config)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer = prepare_for_training(accelerator, unet, optimizer)
     training = Training(
         accelerator=accelerator,
         pipe=pipe,
@@ -386,12 +389,50 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
 
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
-    )
-    lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock, StopRequests() as stop:
-        return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+    with deterministic_algorithms(config.train.deterministic):
+        accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
+        )
+        lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
+        with lock, StopRequests() as stop:
+            return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+
+
+def prepare_for_training(accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare` the adapted UNet and its optimizer, with DDP broadcasting no buffers.
+
+    DDP by default re-sends every buffer from rank 0 on each synced forward. The adapted UNet's
+    only buffers are the adapters' positions and kernel plans (0.31 GB for WaveFT on SDXL): constants,
+    equal on every process by construction (one seed, or one adapter file), and SDXL's UNet has
+    no running statistics to keep in step. DDP still syncs them once when it wraps the model.
+    Set on the wrapper rather than through DistributedDataParallelKwargs, which newer torch
+    deprecates and which would skip that first sync as well.
+    """
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if isinstance(unet, torch.nn.parallel.DistributedDataParallel):
+        unet.broadcast_buffers = False
+    return unet, optimizer
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic mode for the run (`train.deterministic`), restored afterwards.
+
+    cuBLAS needs its workspace setting before its first call for the same bytes on CUDA; the
+    sparse kernels read the mode and sum without atomics. Off, nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
 
 
 def _run(

@@ -134,8 +134,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def launch(*args: str, processes: int = 2) -> None:
-    """The CLI under `accelerate launch` with two gloo processes on the CPU; it must succeed."""
+def launch(*args: str, processes: int = 2, script: Path | None = None) -> None:
+    """The CLI (or `script`) under `accelerate launch` with two gloo processes on the CPU; it must succeed."""
+    program = [str(script)] if script is not None else ["-m", "sparse_dreambooth"]
     command = [
         sys.executable,
         "-m",
@@ -146,8 +147,7 @@ def launch(*args: str, processes: int = 2) -> None:
         "--mixed_precision=no",
         "--dynamo_backend=no",
         "--main_process_port=0",  # a free port: never meet another job's rendezvous on the default 29500
-        "-m",
-        "sparse_dreambooth",
+        *program,
         *args,
     ]
     # PYTHONFAULTHANDLER: if the launch hangs, SIGABRT makes every process print each thread's stack,

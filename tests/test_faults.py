@@ -7,7 +7,9 @@ real signal or the command's stderr is the point.
 """
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,8 +132,6 @@ def test_resume_latest_accepts_the_same_folder_however_spelled(relative_run, mon
     for steps, spelling in ((3, "run/"), (4, "./run"), (5, str(run.resolve()))):
         run_ok(*args, "--steps", steps, "--output", spelling, "--resume", "latest")
         assert not any(folder.exists() for folder in stale)
-    import json
-
     assert json.loads((run / "run.json").read_text())["steps"] == 5
 
 
@@ -142,6 +142,19 @@ def test_resume_of_a_checkpoint_with_other_adapter_settings_is_refused(relative_
     message = user_error(*args, "--method", "lora", "--output", tmp_path / "new", "--resume", checkpoint_folder)
     assert "method='waveft'" in message and "method='lora'" in message
     assert not (tmp_path / "new" / "adapter.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_resume_may_change_the_kernel_and_deterministic_mode(relative_run, tmp_path, monkeypatch):
+    """They change how a step is computed, not what is trained: a run (and its checkpoint's
+    adapter, saved with kernel=fused) continues under other values."""
+    home, run, args = relative_run
+    monkeypatch.chdir(home)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    steps = json.loads((copy / "run.json").read_text())["steps"] + 1  # other tests may have resumed the run
+    run_ok(*args, "--steps", steps, "--output", copy, "--resume", "latest", "--kernel", "delta", "--deterministic")
+    assert json.loads((copy / "run.json").read_text())["steps"] == steps
 
 
 # --- disk full ------------------------------------------------------------------------------------

@@ -298,3 +298,137 @@ def test_touched_entries_are_the_union_of_the_footprints(wavelet, shape):
                 if 0 <= row < shape[0] and 0 <= col < shape[1]:
                     expected.add(row * shape[1] + col)
     assert adapter.touched_indices().tolist() == sorted(expected)
+
+
+# --- the kernel setting, devices, bf16 small updates, deterministic mode -------------------------
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def kernel_layer(kernel, shape, wavelet, dtype, device):
+    layer = make_layer(shape, wavelet, budget=60, scaling=25.0).to(device)
+    layer.base.to(dtype)
+    layer.adapter.kernel = kernel
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wavelet", ["db1", "db3", None])
+def test_fused_and_delta_kernels_match_the_reference_kernel(wavelet, dtype, device):
+    """`adapter.kernel`: the fused and delta paths against the plain dense one (W0 x + x delta^T
+    through autograd), under autocast in bf16 as training runs, on every device present."""
+    shape = (48, 40)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 70, shape[1], generator=generator).to(device, dtype)
+    grad_output = torch.randn(3, 70, shape[0], generator=generator).to(device, dtype)
+    results = {}
+    for kernel in ("fused", "delta", "reference"):
+        layer = kernel_layer(kernel, shape, wavelet, dtype, device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results[kernel] = output_and_gradients(layer, layer, x, grad_output)
+    # bf16 rounds the output and the reference's products (its delta too); fp32 agrees to rounding.
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for kernel in ("fused", "delta"):
+        for actual, wanted in zip(results[kernel], results["reference"], strict=True):
+            assert actual.device.type == device
+            assert_relative_close(actual.float(), wanted.float(), tolerance)
+
+
+def test_kernel_setting_reaches_every_sparse_layer_and_is_checked():
+    from sparse_dreambooth.adapters.layer import build_adapters
+    from sparse_dreambooth.config import AdapterConfig
+    from sparse_dreambooth.errors import UserError
+
+    linears = {"proj": nn.Linear(24, 40)}
+    for kernel in ("fused", "delta", "reference"):
+        (adapter,) = build_adapters(AdapterConfig(method="waveft", budget=30, kernel=kernel), linears).values()
+        assert adapter.kernel == kernel
+    with pytest.raises(UserError, match="unknown kernel 'fuse'.*fused"):
+        AdapterConfig(kernel="fuse")
+
+
+def test_reference_kernel_is_the_dense_delta_through_autograd():
+    """It builds the dense delta (what the other kernels never do) and gives PEFT's dense gradient."""
+    layer = kernel_layer("reference", (40, 24), "db2", torch.float32, "cpu")
+    x = torch.randn(3, 24)
+    with TensorRecorder() as recorder:
+        layer(x).sum().backward()
+    assert max(recorder.sizes) >= 40 * 24
+
+
+def count_calls(function_name, run):
+    """How many times an aten op whose name contains `function_name` runs inside `run()`."""
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += function_name in func.__name__
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        run()
+    return Counter.calls
+
+
+def test_sddmm_chunks_follow_the_device_budget(monkeypatch):
+    """CPU: chunks of 2^19 elements (cache-sized) as before; an accelerator's budget: one chunk per
+    layer. The gradient is the same either way (to rounding of the per-chunk sums)."""
+    from sparse_dreambooth.adapters import kernels
+
+    shape, tokens = (320, 640), 4096
+    assert kernels.chunk_tokens(tokens, 640 + 640, torch.device("cpu")) == (1 << 19) // 1280
+    assert kernels.chunk_tokens(tokens, 640 + 640, torch.device("cuda")) == tokens
+    assert kernels.chunk_tokens(10**6, 1280, torch.device("cuda")) == kernels.ACCELERATOR_CHUNK_ELEMENTS // 1280
+    layer = make_layer(shape, "db1", budget=500)
+    x, grad_output = torch.randn(tokens, shape[1]), torch.randn(tokens, shape[0])
+
+    def gradient():
+        return output_and_gradients(layer, layer, x, grad_output)[2]
+
+    cpu_chunks = -(-tokens // kernels.chunk_tokens(tokens, 320 + 640, torch.device("cpu")))
+    assert count_calls("sampled_addmm", gradient) == cpu_chunks > 1
+    chunked = gradient()
+    monkeypatch.setitem(kernels.SDDMM_CHUNK_ELEMENTS, "cpu", kernels.ACCELERATOR_CHUNK_ELEMENTS)
+    assert count_calls("sampled_addmm", gradient) == 1
+    assert_relative_close(gradient(), chunked, 1e-5)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wavelet", ["db1", "db3", None])
+def test_half_precision_forward_rounds_the_patched_weight_once(wavelet, weight_dtype):
+    """The fused forward under autocast is the matmul with round(W + delta), the sum formed in
+    float32: not W + round(delta), which rounds twice. Oracle: the dense delta, summed by hand."""
+    layer = make_layer((40, 24), wavelet, budget=60, scaling=25.0)
+    with torch.no_grad():
+        layer.adapter.coefficients.mul_(1e-3)  # deltas near a half-precision step of the weights
+    layer.base.to(weight_dtype)
+    x = torch.randn(7, 24).to(weight_dtype)
+    with torch.no_grad():
+        patched = (layer.base.weight.float() + layer.adapter.delta_weight()).to(weight_dtype)
+        twice = layer.base.weight + layer.adapter.delta_weight().to(weight_dtype)
+        assert not torch.equal(patched, twice), "the case must tell one rounding from two"
+        with torch.autocast("cpu", dtype=weight_dtype):
+            output, expected = layer(x), F.linear(x, patched, layer.base.bias)
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db3", "sym4", None])
+def test_deterministic_mode_sums_without_index_add_and_gives_the_same_bits(wavelet):
+    layer = make_layer((40, 24), wavelet, budget=60)
+    x, grad_output = torch.randn(2, 9, 24), torch.randn(2, 9, 40)
+    default = output_and_gradients(layer, layer, x, grad_output)
+    assert count_calls("index_add", lambda: layer(x)) == 1
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert count_calls("index_add", lambda: layer(x)) == 0
+        deterministic = output_and_gradients(layer, layer, x, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for actual, wanted in zip(deterministic, default, strict=True):
+        assert torch.equal(actual, wanted)

@@ -6,6 +6,7 @@ freshly loaded UNet, never the training loop's own view of itself.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,16 @@ def test_a_run_shows_our_progress_and_messages_only(tmp_path):
         assert any(line.startswith(bar) for line in lines), output[-3000:]
         # Besides our bar and our warnings, exactly our closing messages.
         assert [line for line in lines if not line.startswith((bar, "sparse-db: warning:"))] == messages, output
+
+
+@pytest.mark.multiprocess
+def test_ddp_broadcasts_no_adapter_buffers_per_step(tmp_path):
+    """Two gloo processes: DDP as `sparse-db train` prepares it sends no buffer on a step, where
+    plain `accelerator.prepare` re-sends every adapter position and kernel plan each forward."""
+    output = tmp_path / "broadcast.json"
+    launch(str(output), script=Path(__file__).with_name("ddp_broadcast_probe.py"))
+    results = json.loads(output.read_text())
+    ours, default = results["sparse-db train"], results["accelerate default"]
+    assert ours["buffer_bytes"] == default["buffer_bytes"] > 0
+    assert default["bytes_per_step"] >= default["buffer_bytes"], "the counter must see DDP's buffer broadcasts"
+    assert ours["bytes_per_step"] == 0

@@ -22,21 +22,42 @@ matrix (p L^2 entries); its backward is the same SDDMM.
 
 Coefficient gradients are accumulated in float32 (float64 when the coefficients are float64)
 whatever the activations' dtype, so mixed-precision training gets float32 gradients.
+
+With a bf16/fp16 weight, W + delta is formed in float32 and rounded once, so an entry of the delta
+below half a bf16 step of its weight entry is lost to the forward (its gradient still counts).
+Adding x @ delta^T in float32 beside the bf16 matmul instead keeps it, but rounds the output a
+second time. Measured over training at scaling 1, 5 and 25 (BENCHMARKS.md, "bf16 and small
+updates"), that ends as far from float32 training or further in all cases but one, at up to
+2.5x the layer's time on CPU, so the fused path keeps the delta in the weight.
+
+Under torch.use_deterministic_algorithms(True) (`train.deterministic`), the taps landing on one
+weight entry are summed by a segmented reduction over taps sorted by entry instead of an
+`index_add_` (atomics on CUDA); on CPU both give the same bits.
 """
 
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
 from sparse_dreambooth.adapters.wavelets import AxisLayout, Footprints
 
-# Tokens per SDDMM chunk: this many elements across the two filtered axes. A chunk (about 2 MiB
-# per operand in float32) stays in cache from its filtering to its sampled product, which measured
-# fastest at SDXL's shapes, and the backward's scratch stays bounded whatever the token count.
-SDDMM_CHUNK_ELEMENTS = 1 << 19
+# Tokens per SDDMM chunk: at most this many elements across the two filtered axes, per device
+# type. On CPU a chunk (about 2 MiB per operand in float32) stays in cache from its filtering to
+# its sampled product, which measured fastest at SDXL's shapes. On an accelerator every chunk
+# costs a dozen kernel launches and cuSPARSE's set-up, and cache is not the limit: one chunk per
+# layer, unless its scratch would pass 256 MiB in float32 (SDXL's largest, 640 features over
+# 4096 tokens at 1024 px, is 5 M elements per image). The scratch stays bounded either way.
+SDDMM_CHUNK_ELEMENTS = {"cpu": 1 << 19}
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_tokens(tokens: int, elements_per_token: int, device: torch.device) -> int:
+    """Tokens per SDDMM chunk on `device` (its memory budget over the elements one token needs)."""
+    budget = SDDMM_CHUNK_ELEMENTS.get(device.type, ACCELERATOR_CHUNK_ELEMENTS)
+    return min(tokens, max(1, budget // elements_per_token))
 
 
 @dataclass(frozen=True)
@@ -101,8 +122,8 @@ class AxisFilter:
 class SparsePlan:
     """Everything the kernels need about one adapter's positions, precomputed once.
 
-    The tensors live as buffers of the adapter (so they follow it across devices); this object
-    only groups them for one call.
+    The tensors are the adapter's (they follow it across devices); this object groups them, and
+    what is derived from them, so a call builds no index tensor of its own.
     """
 
     shape: tuple[int, int]
@@ -117,18 +138,31 @@ class SparsePlan:
     tap_coefficient: torch.Tensor  # (T,)
     tap_entry: torch.Tensor  # (T,)
     tap_weight: torch.Tensor  # (T,) float64
+    tap_weight_float: torch.Tensor  # (T,) the same rounded to float32, the coefficients' usual dtype
     sample_crow: torch.Tensor  # (rows.slots + 1,) CSR pattern of the coefficients in filtered space
     sample_col: torch.Tensor  # (p,)
     sample_position: torch.Tensor  # (p,) CSR position of each coefficient
+    # The deterministic sum's taps in entry order and run offsets, sorted at its first use.
+    segments: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _tap_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype == torch.float64:
+            return self.tap_weight
+        return self.tap_weight_float if dtype == torch.float32 else self.tap_weight.to(dtype)
 
     def touched_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
         """The scaled delta at the touched entries, (U,), in the coefficients' dtype.
 
-        Taps landing on one entry are summed in (coefficient, row tap, column tap) order.
+        Taps landing on one entry are summed in (coefficient, row tap, column tap) order, one
+        after the other: by `index_add_`, or, in torch's deterministic mode, by a segmented sum
+        over the taps sorted by entry (no atomics on CUDA; the same bits on CPU).
         """
         taps = coefficients.index_select(0, self.tap_coefficient)
         if self.rows.taps is not None:  # the identity's taps all weigh 1
-            taps.mul_(self.tap_weight.to(coefficients.dtype))
+            taps.mul_(self._tap_weights(coefficients.dtype))
+        if torch.are_deterministic_algorithms_enabled():
+            order, offsets = self._entry_segments()
+            return torch.segment_reduce(taps.index_select(0, order).mul_(self.scaling), "sum", offsets=offsets)
         delta = torch.zeros(self.touched.numel(), dtype=coefficients.dtype, device=coefficients.device)
         return delta.index_add_(0, self.tap_entry, taps, alpha=self.scaling)
 
@@ -136,18 +170,32 @@ class SparsePlan:
         """The delta as an (out x in) CSR matrix with `delta_values` at the touched entries."""
         return _csr(self.touched_crow, self.touched % self.shape[1], delta_values, self.shape)
 
+    def delta_share(self, x: torch.Tensor, delta_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x @ delta^T as a (tokens x out) `dtype` matrix, with the delta as a CSR matrix."""
+        inputs = x.reshape(-1, self.shape[1])
+        transposed = torch.empty(inputs.shape[1], inputs.shape[0], dtype=dtype, device=x.device).copy_(inputs.t())
+        return torch.sparse.mm(self.sparse_delta(delta_values.to(dtype)), transposed).t()
+
     def coefficient_gradient(self, grad_output: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """dLoss/dcoefficients from (tokens x out) grad_output and (tokens x in) inputs."""
         tokens = grad_output.shape[0]
         zeros = torch.zeros(self.sample_col.numel(), dtype=dtype, device=grad_output.device)
         sampled = _csr(self.sample_crow, self.sample_col, zeros, (self.rows.slots, self.cols.slots))
-        chunk = max(1, SDDMM_CHUNK_ELEMENTS // (self.rows.slots + self.cols.slots))
+        chunk = chunk_tokens(tokens, self.rows.slots + self.cols.slots, grad_output.device)
         for start in range(0, tokens, chunk):
             filtered_grad = self.rows.analyse(grad_output[start : start + chunk], dtype)  # (row slots, n)
             filtered_input = self.cols.analyse(inputs[start : start + chunk], dtype)  # (col slots, n)
-            # Accumulates chunk by chunk into the pattern's values.
-            sampled = torch.sparse.sampled_addmm(sampled, filtered_grad, filtered_input.t(), alpha=self.scaling)
+            # Accumulates chunk by chunk into the pattern's values, in place (no copy of the pattern).
+            torch.sparse.sampled_addmm(sampled, filtered_grad, filtered_input.t(), alpha=self.scaling, out=sampled)
         return sampled.values().index_select(0, self.sample_position)
+
+    def _entry_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The taps in entry order (a stable sort: each entry keeps its taps' order) and the
+        offsets of each entry's run. Only deterministic mode needs them: sorted once, then kept."""
+        if not self.segments:
+            self.segments["order"] = torch.argsort(self.tap_entry, stable=True)
+            self.segments["offsets"] = _row_pointers(self.tap_entry, self.touched.numel())
+        return self.segments["order"], self.segments["offsets"]
 
 
 def touched_entries(prints: Footprints, length: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -213,6 +261,7 @@ def build_plan(
         "tap_coefficient": coefficient,
         "tap_entry": tap_entry,
         "tap_weight": tap_weight,
+        "tap_weight_float": tap_weight.float(),
         "sample_crow": _row_pointers(row_slot, rows.slots),
         "sample_col": col_slot[order],
         "sample_position": sample_position,
@@ -359,11 +408,8 @@ class SparseDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, coefficients, plan: SparsePlan):
         dtype = _accumulation_dtype(coefficients)
-        inputs = x.reshape(-1, plan.shape[1])
         with _without_autocast(x.device.type):
-            delta = plan.sparse_delta(plan.touched_delta(coefficients.to(dtype)))
-            transposed = torch.empty(inputs.shape[1], inputs.shape[0], dtype=dtype, device=x.device).copy_(inputs.t())
-            output = torch.sparse.mm(delta, transposed).t()  # (tokens, out)
+            output = plan.delta_share(x, plan.touched_delta(coefficients.to(dtype)), dtype)  # (tokens, out)
         ctx.save_for_backward(x, coefficients)
         ctx.plan = plan
         return output.to(x.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], plan.shape[0])

@@ -135,7 +135,11 @@ def build_adapters(
                 drawn[key] = random_positions(shapes[name], count, config.adapter_seed)
             layer_positions = drawn[key].clone()
         adapters[name] = SparseAdapter(
-            shapes[name], layer_positions.to(linears[name].weight.device), config.scaling, method.wavelet(config)
+            shapes[name],
+            layer_positions.to(linears[name].weight.device),
+            config.scaling,
+            method.wavelet(config),
+            kernel=config.kernel,
         )
     return adapters
 

@@ -8,6 +8,7 @@ which never build it.
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sparse_dreambooth.adapters import kernels
 from sparse_dreambooth.adapters.wavelets import (
@@ -38,13 +39,25 @@ class SparseAdapter(nn.Module):
         positions: (2, p) row and column of each coefficient in the out x in matrix C.
         scaling: multiplier of the delta.
         wavelet: pywt wavelet name for WaveFT; None for random-sparse (identity transform).
+        kernel: how training computes the layer (`AdapterConfig.kernel`): "fused" (base and
+            adapter in one matmul where the base allows it), "delta" (the base layer, plus the
+            adapter's share with the delta kept sparse) or "reference" (the base layer, plus
+            x @ delta^T with the dense delta through autograd, as PEFT does).
     """
 
-    def __init__(self, shape: tuple[int, int], positions: torch.Tensor, scaling: float, wavelet: str | None):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        positions: torch.Tensor,
+        scaling: float,
+        wavelet: str | None,
+        kernel: str = "fused",
+    ):
         super().__init__()
         self.shape = tuple(shape)
         self.scaling = scaling
         self.wavelet = wavelet
+        self.kernel = kernel
         self.coefficients = nn.Parameter(torch.zeros(positions.shape[1], device=positions.device))
         self.register_buffer("positions", positions.long())
         # Footprints and kernel indices are derived from the positions' values. On the meta device
@@ -108,6 +121,7 @@ class SparseAdapter(nn.Module):
             tap_coefficient=self._tap_coefficient,
             tap_entry=self._tap_entry,
             tap_weight=self._tap_weight,
+            tap_weight_float=self._tap_weight_float,
             sample_crow=self._sample_crow,
             sample_col=self._sample_col,
             sample_position=self._sample_position,
@@ -131,11 +145,17 @@ class SparseAdapter(nn.Module):
         return kernels.SparseDeltaMatmul.apply(x, self.coefficients, self._plan())
 
     def forward_with_base(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
-        """base(x) + self(x) as one matmul with W + delta when the base is a frozen nn.Linear."""
-        if not kernels.can_fuse(base):
+        """base(x) + self(x): as one matmul with W + delta when the base is a frozen nn.Linear
+        (kernel "fused"), else the base layer plus the adapter's share (dense for "reference")."""
+        if self.kernel == "reference":
+            return base(x) + F.linear(x.to(self.coefficients.dtype), self.delta_weight()).to(x.dtype)
+        if self.kernel == "delta" or not kernels.can_fuse(base):
             return base(x) + self(x)
         return kernels.FusedSparseLinear.apply(x, self.coefficients, base.weight, base.bias, self._plan())
 
     def extra_repr(self) -> str:
         transform = f"idwt2({self.wavelet})" if self.wavelet else "identity"
-        return f"shape={self.shape}, p={self.coefficients.numel()}, scaling={self.scaling}, transform={transform}"
+        return (
+            f"shape={self.shape}, p={self.coefficients.numel()}, scaling={self.scaling}, transform={transform}, "
+            f"kernel={self.kernel}"
+        )
