@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, FIXTURE_DATA, assert_user_error, cli_error, run_cli, run_subprocess
+from conftest import CONFIGS, FAST, FIXTURE_DATA, assert_user_error, cli_error, run_cli, run_subprocess
 
 from sparse_dreambooth import adapters
 from sparse_dreambooth.adapters.io import adapter_tensors
@@ -219,3 +219,28 @@ def test_evaluate_puts_the_metrics_on_the_card_and_every_export_has_one(ema_run,
     assert "## This export\n\npeft: wrote" in peft_card.read_text() and "| adapter |" in peft_card.read_text()
     assert _card_fields(kohya_card)["weights"] == f"EMA, decay {EMA_DECAY}"
     assert "Licence: procedural" in kohya_card.read_text()
+
+
+# --- sweeping the options -------------------------------------------------------------------------
+
+
+def test_a_sweep_axis_with_null_runs_the_default_and_names_it_none(tmp_path):
+    from sparse_dreambooth import sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        f"config: {CONFIGS / 'micro.yaml'}\noutput: {tmp_path / 'out'}\nsubjects: [micro/teal_dog]\n"
+        "grid:\n  - method: [waveft, lora]\n    snr_gamma: [null, 5.0]\n"
+    )
+    jobs = sweep.plan(sweep.load_sweep(path))
+    assert [job.name for job in jobs] == [
+        "lora_snr_gamma-5",
+        "lora_snr_gamma-none",
+        "waveft_snr_gamma-5",
+        "waveft_snr_gamma-none",
+    ]
+    assert [job.config.train.snr_gamma for job in jobs] == [5.0, None, 5.0, None]
+    for job in jobs:
+        train_command = sweep.commands(sweep.load_sweep(path), job, until="train")[0]
+        assert "None" not in train_command
+        assert ("--snr-gamma" in train_command) == (job.config.train.snr_gamma is not None)
