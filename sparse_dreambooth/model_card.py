@@ -159,6 +159,12 @@ def model_card(config: TrainConfig, record: dict, run: Path | None = None, weigh
     return "\n".join(lines)
 
 
+def _utf8(text: str) -> str:
+    """The card is UTF-8 text: a path that is not (a folder name in another encoding, kept by Python
+    as surrogates) is written with escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_run_card(run: Path) -> Path | None:
     """RUN/README.md from the run's files; None (and nothing written) for a run that has not finished."""
     run = Path(run)
@@ -166,7 +172,7 @@ def write_run_card(run: Path) -> Path | None:
         return None
     record = json.loads((run / runs.RUN_FILE).read_text())
     path = run / runs.MODEL_CARD
-    write_text(path, model_card(load_config(run / runs.CONFIG_FILE), record, run))
+    write_text(path, _utf8(model_card(load_config(run / runs.CONFIG_FILE), record, run)))
     return path
 
 
@@ -175,4 +181,4 @@ def write_export_card(path: Path, config: TrainConfig, run: Path | None, weights
     run_file = run / runs.RUN_FILE if run is not None else None
     record = json.loads(run_file.read_text()) if run_file is not None and run_file.is_file() else {}
     text = model_card(config, record, run, weights) + f"\n## This export\n\n{export}\n"
-    write_text(path, text)
+    write_text(path, _utf8(text))
