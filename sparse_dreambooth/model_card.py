@@ -133,6 +133,11 @@ def model_card(config: TrainConfig, record: dict, run: Path | None = None, weigh
         "target layers": ", ".join(config.adapter.targets),
         "training": _training_line(config, record),
         "seed": f"{config.train.seed} (adapter seed {config.adapter.adapter_seed})",
+    }
+    if origin := record.get("origin"):  # `sparse-db import`: trained elsewhere, with settings unknown here
+        fields["training"] = f"imported from a {origin['format']} {origin['peft_type']} adapter, {origin['source']}"
+        fields["seed"] = "unknown (trained elsewhere)"
+    fields |= {
         "resolution": f"{config.data.resolution} px",
         "instance prompt": f"a {config.data.token} {class_name}" if class_name else "-",
         "weights": weights or "as trained",

@@ -244,3 +244,13 @@ def test_a_sweep_axis_with_null_runs_the_default_and_names_it_none(tmp_path):
         train_command = sweep.commands(sweep.load_sweep(path), job, until="train")[0]
         assert "None" not in train_command
         assert ("--snr-gamma" in train_command) == (job.config.train.snr_gamma is not None)
+
+
+def test_an_imported_run_has_a_card_that_does_not_invent_its_training(ema_run, tmp_path):
+    run_cli("export", "--run", ema_run, "--format", "peft", "--out", tmp_path / "peft")
+    run = tmp_path / "imported"
+    run_cli("import", tmp_path / "peft", "--output", run, "--model", "tiny", "--subject", "demo", "--resolution", "32")
+    fields = _card_fields(run / "README.md")
+    assert fields["training"] == f"imported from a peft LORA adapter, {(tmp_path / 'peft').resolve()}"
+    assert fields["seed"].startswith("unknown")
+    assert fields["base model"] == json.loads((run / "run.json").read_text())["base_model"]
