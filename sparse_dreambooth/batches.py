@@ -78,6 +78,7 @@ def noisy_batch(
     generator: torch.Generator,
     global_batch: int,
     mine: slice,
+    noise_offset: float = 0.0,
 ) -> NoisyBatch:
     """Draw a global batch from `generator` and return this process's slice of it, noised.
 
@@ -85,12 +86,19 @@ def noisy_batch(
     keeps rows `mine`. The latent is sampled from each image's cached VAE distribution, then
     noised as DDPM's forward process: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e, and the target is e
     (epsilon prediction) or v = sqrt(a_t) e - sqrt(1 - a_t) x_0 (v-prediction). Pure: no model.
+
+    A noise offset adds `noise_offset` x N(0, 1) per image and channel to e (a constant over the
+    image), so the model can also learn to shift an image's mean brightness. Its draw comes last,
+    and only when it is on, so the other draws are the same with it and without it.
     """
     latent_shape = (global_batch, *examples.latent_mean.shape[1:])
     index = torch.randint(len(examples.time_ids), (global_batch,), generator=generator)[mine]
     latent_noise = torch.randn(latent_shape, generator=generator)[mine]
     noise = torch.randn(latent_shape, generator=generator)[mine]
     timesteps = torch.randint(0, len(alphas_cumprod), (global_batch,), generator=generator)[mine]
+    if noise_offset:
+        channels = (global_batch, latent_shape[1], 1, 1)
+        noise = noise + noise_offset * torch.randn(channels, generator=generator)[mine]
     latents = (examples.latent_mean[index] + examples.latent_std[index] * latent_noise) * scaling_factor
     alpha_bar = alphas_cumprod.to(latents.dtype)[timesteps].view(-1, 1, 1, 1)
     signal_scale, noise_scale = alpha_bar**0.5, (1 - alpha_bar) ** 0.5

@@ -2,7 +2,7 @@
 
     RUN/checkpoints/step-N/
       adapter.safetensors           the adapter as `adapters.save_adapter` writes it
-      training_state.safetensors    optimizer tensors and the generator state
+      training_state.safetensors    optimizer tensors, the generator state, the adapter's EMA (if kept)
       training_state.json           step, parameter groups, optimizer scalars, scheduler, grad scaler
 
 A checkpoint folder is staged and renamed (files.atomic_folder), so a crash mid-write leaves the
@@ -34,14 +34,15 @@ def save_checkpoint(
     generator: torch.Generator,
     step: int,
     scaler=None,
+    ema=None,
 ) -> None:
     """Write everything `load_checkpoint` needs to continue at `step`.
 
     `scheduler` is a torch LR scheduler and `scaler` a grad scaler (or None): anything with
-    `state_dict()`, whose state is plain JSON.
+    `state_dict()`, whose state is plain JSON. `ema` is the run's `ema.AdapterEMA`, or None.
     """
     optimizer_state = optimizer.state_dict()
-    tensors = {"generator": generator.get_state()}
+    tensors = {"generator": generator.get_state(), **(ema.state_tensors() if ema is not None else {})}
     scalars = {}
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
@@ -62,7 +63,9 @@ def save_checkpoint(
         write_json(staging / STATE_JSON, meta)
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator, scaler) -> int:
+def load_checkpoint(
+    path: Path, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator, scaler, ema=None
+) -> int:
     """Restore what `save_checkpoint` wrote (the adapter is loaded separately); return the step."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -83,6 +86,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler, gen
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     generator.set_state(tensors["generator"])
+    if ema is not None:
+        ema.load_state_tensors(tensors)
     if scaler is not None and meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
     return meta["step"]

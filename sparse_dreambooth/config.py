@@ -21,6 +21,9 @@ ALLOCATIONS = ("uniform", "proportional")
 KERNELS = ("fused", "delta", "reference")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LOSSES = ("mse", "huber")
+OPTIMIZERS = ("adamw", "prodigy", "adafactor", "adamw8bit")
+TRACKERS = ("tensorboard", "wandb", "none")
 SDXL_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -140,11 +143,11 @@ class TrainSettings:
     steps: int = setting(500, "optimizer steps")
     batch_size: int = setting(1, "images per process per micro-step")
     grad_accum: int = setting(4, "micro-steps per optimizer step")
-    lr: float = setting(1e-4, "AdamW learning rate")
-    adam_beta1: float = setting(0.9, "AdamW beta1")
-    adam_beta2: float = setting(0.999, "AdamW beta2")
-    weight_decay: float = setting(1e-4, "AdamW weight decay")
-    adam_epsilon: float = setting(1e-8, "AdamW epsilon")
+    lr: float = setting(1e-4, "learning rate (Prodigy: a multiplier of its own estimate, 1.0)")
+    adam_beta1: float = setting(0.9, "beta1 of AdamW, Prodigy and adamw8bit")
+    adam_beta2: float = setting(0.999, "beta2 of AdamW, Prodigy and adamw8bit")
+    weight_decay: float = setting(1e-4, "decoupled weight decay of every optimizer")
+    adam_epsilon: float = setting(1e-8, "epsilon of AdamW, Prodigy and adamw8bit")
     lr_scheduler: str = setting("constant", "constant | constant_with_warmup | linear | cosine")
     warmup_steps: int = setting(0, "learning-rate warmup steps")
     max_grad_norm: float = setting(1.0, "gradient-norm clip")
@@ -159,6 +162,21 @@ class TrainSettings:
     validate_every: int = setting(0, "render validation images every N steps (0: never)")
     validation_prompt: str | None = setting(None, "validation prompt (default: the first evaluation prompt)")
     output: str | None = setting(None, "run folder (default: runs/<subject>-<method>)")
+    loss: str = setting("mse", "mse | huber (torch's Huber loss: squared below --huber-delta, linear above)")
+    huber_delta: float = setting(0.1, "where the Huber loss turns from squared to linear (--loss huber)")
+    snr_gamma: float | None = setting(
+        None, "min-SNR-gamma loss weighting, min(SNR, gamma)/SNR (v-prediction: /(SNR+1)); 5.0 is usual (off: unset)"
+    )
+    noise_offset: float = setting(
+        0.0, "add offset x N(0,1) per image and channel to the noise, to learn very dark/bright images (0.05 usual)"
+    )
+    ema_decay: float | None = setting(
+        None, "keep an EMA of the adapter weights with this decay, e.g. 0.99; saved as adapter-ema.safetensors"
+    )
+    optimizer: str = setting(
+        "adamw", "adamw | prodigy (set --lr 1.0) | adafactor | adamw8bit (bitsandbytes, CUDA only); see README"
+    )
+    report_to: str = setting("tensorboard", "where the loss curves go: tensorboard | wandb | none")
 
 
 @dataclass
@@ -188,6 +206,15 @@ class TrainConfig:
         _positive("checkpoints_kept", train.checkpoints_kept, "a positive integer")
         _choose("mixed_precision", train.mixed_precision, MIXED_PRECISIONS)
         _choose("lr_scheduler", train.lr_scheduler, LR_SCHEDULERS)
+        _choose("loss", train.loss, LOSSES)
+        _positive("huber_delta", train.huber_delta)
+        _positive("snr_gamma", train.snr_gamma)
+        if train.noise_offset < 0:
+            raise UserError(f"noise_offset must be 0 (off) or positive, got {train.noise_offset}")
+        if train.ema_decay is not None and not 0 < train.ema_decay < 1:
+            raise UserError(f"ema_decay must lie between 0 and 1 (e.g. 0.99), got {train.ema_decay}")
+        _choose("optimizer", train.optimizer, OPTIMIZERS)
+        _choose("report_to", train.report_to, TRACKERS)
 
     @property
     def output_dir(self) -> Path:

@@ -48,6 +48,7 @@ from sparse_dreambooth.metrics import (
     strip_token,
 )
 from sparse_dreambooth.micro.metric_models import INPUT_SIZE as MICRO_INPUT_SIZE
+from sparse_dreambooth.model_card import write_run_card
 from sparse_dreambooth.runs import (
     CONFIG_FILE,
     MANIFEST,
@@ -263,6 +264,8 @@ def evaluate_samples(samples: SampleSet, models: MetricModels, output=None, cmmd
     output = Path(output or samples.folder)
     write_json(output / METRICS_FILE, result)
     write_text(output / PER_IMAGE_FILE, _csv(rows))
+    if samples.info["run"] is not None:
+        write_run_card(Path(samples.info["run"]))  # the card shows the run's metrics
     return result
 
 

@@ -18,7 +18,8 @@ Export a run's adapter.safetensors as:
     merged     a diffusers UNet folder (or, with `pipeline`, the whole pipeline) with the adapter
                merged into the weights, for `from_pretrained`.
 
-Every file is written atomically. `import_adapter` (from peft.py) is re-exported here.
+Every file is written atomically, with a model card beside it (model_card.py): README.md in a folder
+export, NAME.md beside a file export. `import_adapter` (from peft.py) is re-exported here.
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ from sparse_dreambooth.config import ModelSettings, load_config
 from sparse_dreambooth.errors import UserError, did_you_mean
 from sparse_dreambooth.files import atomic_folder, write_json, write_safetensors
 from sparse_dreambooth.methods import method_of
+from sparse_dreambooth.model_card import write_export_card
 from sparse_dreambooth.peft import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
@@ -46,7 +48,7 @@ from sparse_dreambooth.peft import (
     peft_wavelets,
     read_peft_adapter,
 )
-from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE
+from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE, MODEL_CARD
 
 FORMATS = ("diffusers", "peft", "kohya", "merged")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -276,11 +278,16 @@ def _export_peft(adapter: StoredAdapter, out: Path, overwrite: bool) -> ExportRe
     return ExportResult(out, "peft", summary)
 
 
+def _run_folder(run: Path) -> Path | None:
+    """The run folder an export reads: `run` itself, or the folder of the adapter file given."""
+    folder = run if run.is_dir() else run.parent
+    return folder if (folder / CONFIG_FILE).is_file() else None
+
+
 def _run_model_settings(adapter: StoredAdapter, run: Path) -> ModelSettings:
     """The base model a run trained on: its config.yaml, else the run config stored in the file."""
-    config_file = run / CONFIG_FILE if run.is_dir() else run.parent / CONFIG_FILE
-    if config_file.is_file():
-        return load_config(config_file).model
+    if (folder := _run_folder(run)) is not None:
+        return load_config(folder / CONFIG_FILE).model
     if "run_config" in adapter.metadata:
         import yaml
 
@@ -360,12 +367,35 @@ def export_adapter(
     run, out = Path(run), Path(out)
     adapter = open_adapter(_adapter_file(run))
     if format == "diffusers":
-        return _export_diffusers(adapter, out, rank, DTYPES[dtype], overwrite)
-    if format == "kohya":
-        return _export_kohya(adapter, out, rank, full_diff, DTYPES[dtype], overwrite, notify)
-    if format == "peft":
-        return _export_peft(adapter, out, overwrite)
-    return _export_merged(adapter, run, out, DTYPES[dtype], pipeline, overwrite)
+        result = _export_diffusers(adapter, out, rank, DTYPES[dtype], overwrite)
+    elif format == "kohya":
+        result = _export_kohya(adapter, out, rank, full_diff, DTYPES[dtype], overwrite, notify)
+    elif format == "peft":
+        result = _export_peft(adapter, out, overwrite)
+    else:
+        result = _export_merged(adapter, run, out, DTYPES[dtype], pipeline, overwrite)
+    _write_card(adapter, run, out, result)
+    return result
+
+
+def _write_card(adapter: StoredAdapter, run: Path, out: Path, result: ExportResult) -> None:
+    """The model card of the export: from the run folder, else from the run settings stored in the
+    adapter file; an adapter without either (one brought in by `sparse-db import`) gets none."""
+    from sparse_dreambooth.config import merge_settings
+
+    folder = _run_folder(run)
+    if folder is not None:
+        config = load_config(folder / CONFIG_FILE)
+    elif "run_config" in adapter.metadata:
+        import yaml
+
+        config = merge_settings(yaml.safe_load(adapter.metadata["run_config"]), {})
+    else:
+        return
+    # A folder export gets README.md; a file export NAME.md beside it, never a README.md it might clobber.
+    card = out / MODEL_CARD if out.is_dir() else out.with_suffix(".md")
+    weights = adapter.metadata.get("weights")
+    write_export_card(card, config, folder, weights, f"{result.format}: {result.summary}")
 
 
 __all__ = [

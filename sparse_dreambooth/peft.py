@@ -32,6 +32,7 @@ from sparse_dreambooth.config import SECTIONS, AdapterConfig, ModelSettings, dum
 from sparse_dreambooth.errors import UserError, did_you_mean
 from sparse_dreambooth.files import write_json, write_text
 from sparse_dreambooth.methods import method_of
+from sparse_dreambooth.model_card import write_run_card
 from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE, RUN_FILE
 
 # File names and prefixes fixed by PEFT.
@@ -514,4 +515,5 @@ def import_adapter(source, output, *, overwrite: bool = False, **settings) -> Pa
             "steps": None,
         },
     )
+    write_run_card(output)
     return output

@@ -3,10 +3,13 @@
     RUN/
       config.yaml              the settings the run trained with (CONFIG_FILE)
       adapter.safetensors      the finished adapter (ADAPTER_FILE)
+      adapter-ema.safetensors  its moving average, with --ema-decay (EMA_ADAPTER_FILE)
       run.json                 versions, timings, parameter count (RUN_FILE)
+      README.md                the model card: model, method, budget, data licence, metrics (MODEL_CARD)
       checkpoints/step-N/      resumable state while training (CHECKPOINTS)
       samples/                 prompt_XX_sample_K_seed_S.png + samples.json (SAMPLES, MANIFEST)
         metrics.json           scores written by `sparse-db evaluate` (METRICS_FILE, PER_IMAGE_FILE)
+      samples-ema/             the same for the moving average (`sparse-db sample --ema`, EMA_SAMPLES)
 
 Torch-free, so planning a sweep and `--dry-run` never import torch. Every module that reads or
 writes a run folder takes its names from here.
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from sparse_dreambooth.data import Subject
 
 ADAPTER_FILE = "adapter.safetensors"
+EMA_ADAPTER_FILE = "adapter-ema.safetensors"
+MODEL_CARD = "README.md"
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -34,6 +39,7 @@ VALIDATION = "validation"
 LOGS = "logs"
 SAMPLES = "samples"
 BASE_SAMPLES = "samples-base"
+EMA_SAMPLES = "samples-ema"
 MANIFEST = "samples.json"
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "metrics_per_image.csv"
@@ -55,6 +61,7 @@ RESUMABLE_CHANGES = {
     "output",
     "kernel",
     "deterministic",
+    "report_to",
 }
 # Settings naming a path: compared as the folder they resolve to.
 PATH_SETTINGS = {"data_root", "instance_dir"}

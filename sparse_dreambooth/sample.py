@@ -25,7 +25,14 @@ from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
-from sparse_dreambooth.runs import ADAPTER_FILE, CONFIG_FILE, EVALUATION_SEEDS, MANIFEST, resolve_subject
+from sparse_dreambooth.runs import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    EMA_ADAPTER_FILE,
+    EVALUATION_SEEDS,
+    MANIFEST,
+    resolve_subject,
+)
 
 GRID_FILE = "grid.png"
 GRID_PROMPTS = 8  # rows of the grid: this many prompts spread over the list
@@ -65,6 +72,7 @@ def sample(
     negative_prompt: str | None = None,
     resolution: int | None = None,
     output: Path | None = None,
+    ema: bool = False,
 ) -> Path:
     """Render images for a run folder; return the folder they went to.
 
@@ -74,20 +82,26 @@ def sample(
         prompts: prompts to render instead of the subject's 25 evaluation prompts.
         seeds: one image per seed per prompt. Default: 42, 43, 44, 45.
         resolution: image side; default the run's training resolution.
-        output: where the PNGs and samples.json go; default run/samples (run/samples-base).
+        output: where the PNGs and samples.json go; default run/samples (run/samples-base, run/samples-ema).
+        ema: sample the moving average of the adapter weights (adapter-ema.safetensors) instead.
     """
     from accelerate import Accelerator
 
     run = Path(run)
     runs.require_run(run)
-    if not base and not (run / ADAPTER_FILE).is_file():
+    if base and ema:
+        raise UserError("--ema samples the adapter's moving average; --method base has no adapter: choose one")
+    adapter_file = EMA_ADAPTER_FILE if ema else ADAPTER_FILE
+    if ema and not (run / EMA_ADAPTER_FILE).is_file() and (run / ADAPTER_FILE).is_file():
+        raise UserError(f"{run} has no {EMA_ADAPTER_FILE}: it was trained without --ema-decay; sample without --ema")
+    if not base and not (run / adapter_file).is_file():
         raise UserError(
-            f"{run} has no {ADAPTER_FILE} yet: finish (or --resume) the training, or sample with --method base"
+            f"{run} has no {adapter_file} yet: finish (or --resume) the training, or sample with --method base"
         )
     config = load_config(run / CONFIG_FILE)
     seeds = list(seeds or EVALUATION_SEEDS)
     resolution = resolution or config.data.resolution
-    output = Path(output or run / (runs.BASE_SAMPLES if base else runs.SAMPLES))
+    output = Path(output or run / (runs.BASE_SAMPLES if base else runs.EMA_SAMPLES if ema else runs.SAMPLES))
     _check_settings(prompts, seeds, num_steps, guidance, batch_size, resolution, output)
     subject = run_subject(run, config)
     prompts = prompts or data.evaluation_prompts(subject, config.data.token)
@@ -98,7 +112,7 @@ def sample(
     pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=dtype)
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
-        load_adapter(pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision))
+        load_adapter(pipe.unet, run / adapter_file, base_model=model_identity(model.model, model.revision))
         unload(pipe.unet)  # merged into plain nn.Linear weights: sampling costs what the base model costs
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
@@ -109,7 +123,8 @@ def sample(
     state.wait_for_everyone()
     if state.is_main_process:
         settings = {"num_steps": num_steps, "guidance": guidance, "negative_prompt": negative_prompt}
-        _write_manifest(output, run, base, subject, jobs, {**settings, "resolution": resolution})
+        settings["resolution"] = resolution
+        _write_manifest(output, run, None if base else adapter_file, subject, jobs, settings)
     state.wait_for_everyone()
     state.end_training()  # destroy the process group now, not in the interpreter's teardown
     state.print(f"{len(jobs)} images in {output}")
@@ -234,14 +249,14 @@ def write_grid(folder: Path, jobs: list[Job], photos) -> Path:
 
 
 def _write_manifest(
-    output: Path, run: Path, base: bool, subject: data.Subject, jobs: list[Job], settings: dict
+    output: Path, run: Path, adapter_file: str | None, subject: data.Subject, jobs: list[Job], settings: dict
 ) -> None:
     """samples.json: which run and subject, how the images were rendered, and every image's prompt and seed."""
     write_json(
         output / MANIFEST,
         {
             "run": str(run),
-            "adapter": None if base else ADAPTER_FILE,
+            "adapter": adapter_file,
             "subject": subject.name,
             "class": subject.class_name,
             "kind": subject.kind,

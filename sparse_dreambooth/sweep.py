@@ -159,6 +159,8 @@ def load_sweep(path) -> Sweep:
 
 
 def _format(value) -> str:
+    if value is None:  # a grid's `null`: the setting left at its default (off, for snr_gamma)
+        return "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -302,7 +304,8 @@ def commands(
     if not (skip_done and state == "done"):
         command = ["sparse-db", "train"] + (["--config", str(sweep.config)] if sweep.config else [])
         for key, value in job.flags.items():
-            command += _flag(key, value)
+            if value is not None:  # a grid's `null` is the default: no flag
+                command += _flag(key, value)
         if state == "resume":
             command += ["--resume", "latest"]
         result.append(command)

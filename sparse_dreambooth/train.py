@@ -6,9 +6,9 @@
 Order of events: check the input and the run folder (before any model loads), load SDXL, cache
 the VAE latents and text embeddings once, attach the adapter to the UNet, then one loop of
 optimizer steps with gradient accumulation, checkpoints and logs, and finally adapter.safetensors
-and run.json. Every random draw of the loop comes from one seeded generator that every process
-holds identically (each takes its own slice of a global batch), so a run is reproducible and its
-generator state fits in a checkpoint.
+(and adapter-ema.safetensors with --ema-decay), run.json and the model card README.md. Every random
+draw of the loop comes from one seeded generator that every process holds identically (each takes
+its own slice of a global batch), so a run is reproducible and its generator state fits in a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn import functional as F
 
 from sparse_dreambooth import __version__, runs
 from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
@@ -36,10 +35,14 @@ from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batc
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
 from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts, instance_prompt
+from sparse_dreambooth.ema import AdapterEMA
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
+from sparse_dreambooth.losses import loss_terms
 from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.model_card import write_run_card
+from sparse_dreambooth.optimizers import build_optimizer, check_optimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -61,6 +64,18 @@ def check_adapter_fits(config: TrainConfig) -> None:
     linears = target_linears(skeleton, config.adapter.targets)
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     method_of(config.adapter).layer_budgets(config.adapter, shapes)
+
+
+def check_tracker(report_to: str) -> None:
+    """--report-to wandb needs the wandb package: say so before anything loads."""
+    if report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--report-to wandb needs the wandb package: pip install 'sparse-dreambooth[wandb]' "
+                "(or --report-to tensorboard)"
+            ) from None
 
 
 class StopRequests:
@@ -129,6 +144,7 @@ class Training:
     base_model: str
     validation_prompt: str
     cache_seconds: float
+    ema: AdapterEMA | None  # the moving average of `trainable`, with --ema-decay
     step: int = 0
 
 
@@ -172,7 +188,8 @@ def _prepare_output(config: TrainConfig, resume_from: Path | None, overwrite: bo
     runs.remove_stale_staging(output)  # a kill -9 mid-checkpoint leaves a hidden staging folder
     if overwrite and resume_from is None:
         shutil.rmtree(output / runs.CHECKPOINTS, ignore_errors=True)
-        (output / runs.ADAPTER_FILE).unlink(missing_ok=True)
+        for finished in (runs.ADAPTER_FILE, runs.EMA_ADAPTER_FILE, runs.MODEL_CARD):
+            (output / finished).unlink(missing_ok=True)
     write_text(output / runs.CONFIG_FILE, dump_yaml(config))
 
 
@@ -191,13 +208,7 @@ def _optimizer(trainable: list[torch.nn.Parameter], config: TrainConfig):
     from diffusers.optimization import get_scheduler
 
     train_cfg = config.train
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=train_cfg.lr,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-        eps=train_cfg.adam_epsilon,
-    )
+    optimizer = build_optimizer(trainable, train_cfg)
     # Stepped by hand once per optimizer step, so its length does not depend on the process count.
     lr_scheduler = get_scheduler(
         train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.steps
@@ -254,9 +265,12 @@ def _setup(
         base_model=base_model,
         validation_prompt=train_cfg.validation_prompt or evaluation_prompts(subject, config.data.token)[0],
         cache_seconds=cache_seconds,
+        ema=AdapterEMA(trainable, train_cfg.ema_decay) if train_cfg.ema_decay is not None else None,
     )
     if resume_from is not None:
-        training.step = load_checkpoint(resume_from, optimizer, lr_scheduler, training.generator, accelerator.scaler)
+        training.step = load_checkpoint(
+            resume_from, optimizer, lr_scheduler, training.generator, accelerator.scaler, training.ema
+        )
     return training
 
 
@@ -294,6 +308,7 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
             training.generator,
             global_batch=batch * accelerator.num_processes,
             mine=slice(rank * batch, (rank + 1) * batch),
+            noise_offset=config.train.noise_offset,
         )
         # Gradients are synchronised across processes only on the last micro-batch.
         syncing = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
@@ -307,7 +322,14 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
                     "time_ids": examples.time_ids[drawn.index].to(device, dtype),
                 },
             ).sample
-            loss = F.mse_loss(prediction.float(), drawn.target.to(device).float())
+            loss = loss_terms(
+                prediction.float(),
+                drawn.target.to(device).float(),
+                drawn.timesteps,
+                training.alphas_cumprod,
+                training.prediction_type,
+                config.train,
+            ).mean()
             accelerator.backward(loss / accum)
         step_loss += loss.detach() / accum
     # Reduced, so every process takes the same decisions afterwards.
@@ -325,6 +347,8 @@ def _optimizer_step(training: Training, config: TrainConfig, loss: float) -> Non
     training.optimizer.step()
     training.lr_scheduler.step()
     training.optimizer.zero_grad(set_to_none=True)
+    if training.ema is not None:
+        training.ema.update()
     training.step += 1
 
 
@@ -344,6 +368,7 @@ def _checkpoint(training: Training, config: TrainConfig) -> Path:
                 training.generator,
                 training.step,
                 accelerator.scaler,
+                training.ema,
             )
         except OSError as error:
             raise _disk_error(error, path, output) from None
@@ -388,11 +413,15 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if resume_from is not None:
         _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
+    check_tracker(config.train.report_to)
 
     with deterministic_algorithms(config.train.deterministic):
         accelerator = Accelerator(
-            mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
+            mixed_precision=config.train.mixed_precision,
+            log_with=None if config.train.report_to == "none" else config.train.report_to,
+            project_dir=str(output / runs.LOGS),
         )
+        check_optimizer(config.train, accelerator.device)
         lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
         with lock, StopRequests() as stop:
             return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
@@ -454,7 +483,11 @@ def _run(
     torch.manual_seed(train_cfg.seed)
     training = _setup(config, accelerator, subject, images, resume_from)
     if main:
-        accelerator.init_trackers("sparse-db", config=_scalar_settings(config))
+        tracker_settings = {}
+        if train_cfg.report_to == "wandb":  # named after the run folder, its files where TensorBoard's would go
+            (output / runs.LOGS).mkdir(parents=True, exist_ok=True)
+            tracker_settings["wandb"] = {"name": output.name, "dir": str(output / runs.LOGS)}
+        accelerator.init_trackers("sparse-db", config=_scalar_settings(config), init_kwargs=tracker_settings)
 
     step_seconds: list[float] = []
     loss = float("nan")
@@ -504,7 +537,7 @@ def _run(
 
 
 def _write_results(training: Training, config: TrainConfig, subject: Subject, loss: float, seconds: dict) -> None:
-    """adapter.safetensors (with the run's config inside) and run.json."""
+    """adapter.safetensors (with the run's config inside), its moving average, run.json and README.md."""
     output = config.output_dir
     unet = training.accelerator.unwrap_model(training.unet)
     save_adapter(
@@ -514,6 +547,15 @@ def _write_results(training: Training, config: TrainConfig, subject: Subject, lo
         base_model=training.base_model,
         metadata={"run_config": dump_yaml(config)},
     )
+    if training.ema is not None:
+        with training.ema.swapped_in():
+            save_adapter(
+                unet,
+                output / runs.EMA_ADAPTER_FILE,
+                config.adapter,
+                base_model=training.base_model,
+                metadata={"run_config": dump_yaml(config), "weights": f"EMA, decay {config.train.ema_decay}"},
+            )
     write_json(
         output / runs.RUN_FILE,
         {
@@ -534,6 +576,7 @@ def _write_results(training: Training, config: TrainConfig, subject: Subject, lo
             "seconds": seconds,
         },
     )
+    write_run_card(output)
 
 
 def _versions() -> dict[str, str]:

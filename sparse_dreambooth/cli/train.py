@@ -44,7 +44,10 @@ def sample_command(
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="negative prompt for every image"),
     resolution: int | None = typer.Option(None, "--resolution", help="image side in pixels (default: the run's)"),
     output: Path | None = typer.Option(
-        None, "--output", help="folder for the PNGs (default: RUN/samples or RUN/samples-base)"
+        None, "--output", help="folder for the PNGs (default: RUN/samples, RUN/samples-base or RUN/samples-ema)"
+    ),
+    ema: bool = typer.Option(
+        False, "--ema", help="use the adapter's moving average (adapter-ema.safetensors, from --ema-decay)"
     ),
 ) -> None:
     """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in."""
@@ -69,4 +72,5 @@ def sample_command(
         negative_prompt=negative_prompt,
         resolution=resolution,
         output=output,
+        ema=ema,
     )
