@@ -47,7 +47,7 @@ SAMPLE_GLOB = "prompt_*_sample_*_seed_*.png"
 # `output` is the folder the saved settings were read from, however it is spelled.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoints_kept", "validate_every", "validation_prompt", "output"}
 # Settings naming a path: compared as the folder they resolve to.
-PATH_SETTINGS = {"data_root", "instance_dir"}
+PATH_SETTINGS = {"data_root", "instance_dir", "class_data_dir"}
 
 
 def sample_name(prompt_index: int, sample_index: int, seed: int) -> str:

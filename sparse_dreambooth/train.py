@@ -3,8 +3,9 @@
     sparse-db train --subject dog6 --method waveft                    # one GPU
     accelerate launch -m sparse_dreambooth train --config ...        # several
 
-Order of events: check the input and the run folder (before any model loads), load SDXL, cache
-the VAE latents and text embeddings once, attach the adapter to the UNet, then one loop of
+Order of events: check the input and the run folder (before any model loads), load SDXL, render
+any missing class images (prior preservation), cache the VAE latents and text embeddings once,
+attach the adapter to the UNet, then one loop of
 optimizer steps with gradient accumulation, checkpoints and logs, and finally adapter.safetensors
 and run.json. Every random draw of the loop comes from one seeded generator that every process
 holds identically (each takes its own slice of a global batch), so a run is reproducible and its
@@ -27,18 +28,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn import functional as F
 
 from sparse_dreambooth import __version__, runs
 from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
-from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batch, prepare_images
+from sparse_dreambooth.batches import CachedExamples, cache_examples, joined, noisy_batch, prepare_examples
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
-from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts, instance_prompt
+from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts
+from sparse_dreambooth.data.captions import training_prompts
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
 from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.prior import ClassImages, class_examples, instance_and_prior_loss, plan_class_images
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -121,6 +123,7 @@ class Training:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # every random draw of the loop
     examples: CachedExamples
+    class_examples: CachedExamples | None  # prior preservation's class images, or None
     alphas_cumprod: torch.Tensor
     prediction_type: str
     scaling_factor: float
@@ -206,10 +209,11 @@ def _setup(
     config: TrainConfig,
     accelerator: Accelerator,
     subject: Subject,
-    images: list[PreparedImage],
+    images: list[tuple[PreparedImage, str]],
+    class_images: ClassImages | None,
     resume_from: Path | None,
 ) -> Training:
-    """Load SDXL, cache the examples, attach (or reload) the adapter, build the optimizer."""
+    """Load SDXL, render class images, cache the examples, attach (or reload) the adapter, build the optimizer."""
     from diffusers import DDPMScheduler
 
     train_cfg = config.train
@@ -217,7 +221,10 @@ def _setup(
     pipe = _load_model(config, accelerator.device, weight_dtype)
     base_model = model_identity(config.model.model, config.model.revision)
     cache_started = time.perf_counter()
-    examples = cache_examples(pipe, images, instance_prompt(subject, config.data.token), accelerator.device)
+    examples = cache_examples(pipe, images, accelerator.device)
+    classes = None
+    if class_images is not None:  # numbered after the photos, so their random crops differ
+        classes = class_examples(pipe, class_images, config, accelerator, first_index=len(subject.image_paths))
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
@@ -244,6 +251,7 @@ def _setup(
         lr_scheduler=lr_scheduler,
         generator=torch.Generator().manual_seed(train_cfg.seed),
         examples=examples,
+        class_examples=classes,
         alphas_cumprod=noise_scheduler.alphas_cumprod,
         prediction_type=noise_scheduler.config.prediction_type,
         scaling_factor=pipe.vae.config.scaling_factor,
@@ -281,10 +289,10 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
         training.weight_dtype,
     )
     rank = accelerator.process_index
-    step_loss = torch.zeros((), device=device)
-    for micro in range(accum):
-        drawn = noisy_batch(
-            examples,
+
+    def draw(from_examples: CachedExamples):
+        return noisy_batch(
+            from_examples,
             training.alphas_cumprod,
             training.prediction_type,
             training.scaling_factor,
@@ -292,19 +300,25 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
             global_batch=batch * accelerator.num_processes,
             mine=slice(rank * batch, (rank + 1) * batch),
         )
+
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accum):
+        drawn = draw(examples)
+        if training.class_examples is not None:  # as many class rows, after the instance rows
+            drawn = joined(drawn, draw(training.class_examples))
         # Gradients are synchronised across processes only on the last micro-batch.
         syncing = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
         with accelerator.autocast(), syncing:
             prediction = unet(
                 drawn.noisy.to(device, dtype),
                 drawn.timesteps.to(device),
-                examples.prompt_embeds.expand(batch, -1, -1).to(device, dtype),
+                drawn.prompt_embeds.to(device, dtype),
                 added_cond_kwargs={
-                    "text_embeds": examples.pooled_embeds.expand(batch, -1).to(device, dtype),
-                    "time_ids": examples.time_ids[drawn.index].to(device, dtype),
+                    "text_embeds": drawn.pooled_embeds.to(device, dtype),
+                    "time_ids": drawn.time_ids.to(device, dtype),
                 },
             ).sample
-            loss = F.mse_loss(prediction.float(), drawn.target.to(device).float())
+            loss = instance_and_prior_loss(prediction, drawn.target.to(device), batch, config.train.prior_loss_weight)
             accelerator.backward(loss / accum)
         step_loss += loss.detach() / accum
     # Reduced, so every process takes the same decisions afterwards.
@@ -379,26 +393,31 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     config = _with_absolute_paths(config)
     output = config.output_dir
     subject = runs.resolve_subject(config)
-    images = prepare_images(subject, config)
+    images = list(prepare_examples(subject.image_paths, training_prompts(subject, config.data), config))
     resume_from = runs.resolve_resume(output, resume)
     runs.check_output(config, resume_from, overwrite)
     if resume_from is not None:
         _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
+    class_images = None
+    if config.data.with_prior_preservation:
+        base_model = model_identity(config.model.model, config.model.revision)
+        class_images = plan_class_images(config, subject.class_name, base_model)
 
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision, log_with="tensorboard", project_dir=str(output / runs.LOGS)
     )
     lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
     with lock, StopRequests() as stop:
-        return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+        return _run(config, accelerator, subject, images, class_images, resume_from, overwrite, stop, started)
 
 
 def _run(
     config: TrainConfig,
     accelerator: Accelerator,
     subject: Subject,
-    images: list[PreparedImage],
+    images: list[tuple[PreparedImage, str]],
+    class_images: ClassImages | None,
     resume_from: Path | None,
     overwrite: bool,
     stop: StopRequests,
@@ -411,7 +430,7 @@ def _run(
     if main:
         _prepare_output(config, resume_from, overwrite)
     torch.manual_seed(train_cfg.seed)
-    training = _setup(config, accelerator, subject, images, resume_from)
+    training = _setup(config, accelerator, subject, images, class_images, resume_from)
     if main:
         accelerator.init_trackers("sparse-db", config=_scalar_settings(config))
 
@@ -451,7 +470,7 @@ def _run(
             "mean_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
         }
         try:
-            _write_results(training, config, subject, loss, seconds)
+            _write_results(training, config, subject, class_images, loss, seconds)
         except OSError as error:
             raise _disk_error(error, output / runs.ADAPTER_FILE, output) from None
     # Every rank tears the process group down together, once the main one has written: a rank that
@@ -462,9 +481,23 @@ def _run(
     return output
 
 
-def _write_results(training: Training, config: TrainConfig, subject: Subject, loss: float, seconds: dict) -> None:
+def _write_results(
+    training: Training,
+    config: TrainConfig,
+    subject: Subject,
+    class_images: ClassImages | None,
+    loss: float,
+    seconds: dict,
+) -> None:
     """adapter.safetensors (with the run's config inside) and run.json."""
     output = config.output_dir
+    prior = {}
+    if class_images is not None:
+        prior["class_images"] = {
+            "folder": str(class_images.folder),
+            "images": len(class_images.paths),
+            "prompt": class_images.prompt,
+        }
     unet = training.accelerator.unwrap_model(training.unet)
     save_adapter(
         unet,
@@ -491,6 +524,7 @@ def _write_results(training: Training, config: TrainConfig, subject: Subject, lo
             "seed": config.train.seed,
             "processes": training.accelerator.num_processes,
             "seconds": seconds,
+            **prior,
         },
     )
 
