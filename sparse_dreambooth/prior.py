@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,46 +105,59 @@ def plan_class_images(config: TrainConfig, class_name: str, base_model: str) -> 
 
 
 @torch.no_grad()
-def render_missing(pipe, class_images: ClassImages, resolution: int, accelerator) -> None:
-    """Render this process's share of the missing class images (index % processes == rank), each
-    from its own seed and written atomically; then wait for every process."""
+def render_missing(
+    pipe, class_images: ClassImages, resolution: int, accelerator, stop_requested: Callable[[], bool]
+) -> bool:
+    """Render the missing class images, each from its own seed and written atomically; False if
+    `stop_requested` (asked of every process together) ended it early, keeping those on disk.
+
+    In round r the process of rank k renders image r * processes + k if it is missing, so each
+    image is rendered once; every process runs the same rounds, as `stop_requested` needs.
+    """
     from diffusers import StableDiffusionXLPipeline
     from tqdm.auto import tqdm
 
     rank, processes = accelerator.process_index, accelerator.num_processes
-    mine = [index for index in class_images.missing if index % processes == rank]
-    if mine:
-        if accelerator.is_main_process:
-            write_json(class_images.folder / IDENTITY_FILE, class_images.identity)
-        scheduler = evaluation_scheduler(pipe.scheduler.config)
-        renderer = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler})
-        renderer.set_progress_bar_config(disable=True)
-        for index in tqdm(mine, desc="class images", unit="image", disable=not accelerator.is_main_process):
-            with accelerator.autocast():  # the frozen UNet in the compute dtype, the VAE in fp32
-                image = renderer(
-                    class_images.prompt,
-                    num_inference_steps=SAMPLING_STEPS,
-                    guidance_scale=GUIDANCE,
-                    height=resolution,
-                    width=resolution,
-                    generator=torch.Generator().manual_seed(index),
-                ).images[0]
-            with atomic_path(class_images.folder / generated_name(index)) as tmp:
-                image.save(tmp, format="PNG")
+    missing = set(class_images.missing)
+    if missing and accelerator.is_main_process:
+        write_json(class_images.folder / IDENTITY_FILE, class_images.identity)
+    scheduler = evaluation_scheduler(pipe.scheduler.config)
+    renderer = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler})
+    renderer.set_progress_bar_config(disable=True)
+    rounds = range(0, len(class_images.paths), processes)  # the generated indices are fewer than the paths
+    mine = sum(start + rank in missing for start in rounds)
+    with tqdm(
+        total=mine, desc="class images", unit="image", disable=not (missing and accelerator.is_main_process)
+    ) as bar:
+        for start in rounds:
+            index = start + rank
+            if index in missing:
+                with accelerator.autocast():  # the frozen UNet in the compute dtype, the VAE in fp32
+                    image = renderer(
+                        class_images.prompt,
+                        num_inference_steps=SAMPLING_STEPS,
+                        guidance_scale=GUIDANCE,
+                        height=resolution,
+                        width=resolution,
+                        generator=torch.Generator().manual_seed(index),
+                    ).images[0]
+                with atomic_path(class_images.folder / generated_name(index)) as tmp:
+                    image.save(tmp, format="PNG")
+                bar.update(1)
+            if stop_requested():
+                return False
     accelerator.wait_for_everyone()
+    return True
 
 
-def class_examples(
-    pipe, class_images: ClassImages, config: TrainConfig, accelerator, first_index: int
-) -> CachedExamples:
-    """The class images rendered where missing, then cached as training examples of the class prompt.
+def class_examples(pipe, class_images: ClassImages, config: TrainConfig, device, first_index: int) -> CachedExamples:
+    """The class images (all on disk) cached as training examples of the class prompt.
 
     `first_index` numbers them after the instance photos, so their random crops differ.
     """
-    render_missing(pipe, class_images, config.data.resolution, accelerator)
     prompts = [class_images.prompt] * len(class_images.paths)
     examples = prepare_examples(class_images.paths, prompts, config, first_index=first_index)
-    return cache_examples(pipe, examples, accelerator.device)
+    return cache_examples(pipe, examples, device)
 
 
 def instance_and_prior_loss(

@@ -40,7 +40,13 @@ from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
 from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
-from sparse_dreambooth.prior import ClassImages, class_examples, instance_and_prior_loss, plan_class_images
+from sparse_dreambooth.prior import (
+    ClassImages,
+    class_examples,
+    instance_and_prior_loss,
+    plan_class_images,
+    render_missing,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -212,6 +218,7 @@ def _setup(
     images: list[tuple[PreparedImage, str]],
     class_images: ClassImages | None,
     resume_from: Path | None,
+    stop: StopRequests,
 ) -> Training:
     """Load SDXL, render class images, cache the examples, attach (or reload) the adapter, build the optimizer."""
     from diffusers import DDPMScheduler
@@ -223,8 +230,14 @@ def _setup(
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, accelerator.device)
     classes = None
-    if class_images is not None:  # numbered after the photos, so their random crops differ
-        classes = class_examples(pipe, class_images, config, accelerator, first_index=len(subject.image_paths))
+    if class_images is not None:
+        rendering = render_missing(
+            pipe, class_images, config.data.resolution, accelerator, lambda: _any_process_received(stop, accelerator)
+        )
+        if not rendering:
+            _stop_rendering(class_images, accelerator, stop)
+        # Numbered after the photos, so their random crops differ.
+        classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
@@ -372,10 +385,25 @@ def _validate(training: Training, config: TrainConfig) -> None:
     training.accelerator.wait_for_everyone()
 
 
-def _stop_requested(training: Training, stop: StopRequests) -> bool:
+def _any_process_received(stop: StopRequests, accelerator: Accelerator) -> bool:
     """True on every process once any process received SIGINT/SIGTERM."""
-    received = torch.tensor(float(stop.received is not None), device=training.accelerator.device)
-    return training.accelerator.reduce(received, reduction="sum").item() > 0
+    received = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    return accelerator.reduce(received, reduction="sum").item() > 0
+
+
+def _stop_rendering(class_images: ClassImages, accelerator: Accelerator, stop: StopRequests) -> None:
+    """End the run on a signal that came while class images were rendered: they are kept, and the
+    same command renders only the rest."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        done = sum(path.is_file() for path in class_images.paths)
+        print(
+            f"stopped while rendering class images; {done} of {len(class_images.paths)} are in "
+            f"{class_images.folder}; run the same command again to render the rest and train",
+            file=sys.stderr,
+        )
+    raise SystemExit(128 + (stop.received or signal.SIGTERM))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -430,7 +458,7 @@ def _run(
     if main:
         _prepare_output(config, resume_from, overwrite)
     torch.manual_seed(train_cfg.seed)
-    training = _setup(config, accelerator, subject, images, class_images, resume_from)
+    training = _setup(config, accelerator, subject, images, class_images, resume_from, stop)
     if main:
         accelerator.init_trackers("sparse-db", config=_scalar_settings(config))
 
@@ -448,7 +476,7 @@ def _run(
             progress.set_postfix(loss=f"{loss:.4f}")
             if train_cfg.validate_every and step % train_cfg.validate_every == 0:
                 _validate(training, config)
-            if _stop_requested(training, stop) and step < train_cfg.steps:
+            if _any_process_received(stop, accelerator) and step < train_cfg.steps:
                 break
             if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
                 _checkpoint(training, config)

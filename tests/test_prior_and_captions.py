@@ -8,13 +8,15 @@ hand-written expected prompts.
 
 import json
 import os
+import signal
 import textwrap
+import time
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, cli_error, launch, run_cli
+from conftest import FAST, cli_error, launch, run_cli, run_subprocess
 from PIL import Image
 
 from sparse_dreambooth import adapters
@@ -302,3 +304,25 @@ def test_the_unet_sees_the_embeddings_of_each_photo_s_caption(tmp_path, monkeypa
             assert torch.equal(call["embeds"][row], embeds[0]) and torch.equal(call["pooled"][row], pooled[0]), size
             seen.add(size)
     assert len(seen) >= 2, "the draws must cover photos with different prompts"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_rendering_class_images_keeps_them_and_the_rerun_renders_the_rest(tmp_path):
+    classes, cache = tmp_path / "classes", tmp_path / "cache"
+    args = ["train", *FAST, "--subject", "demo", "--steps", "1", *PRIOR, "--num-class-images", "4"]
+    args += ["--class-data-dir", classes, "--output", tmp_path / "run"]
+    process = run_subprocess(*args, cache=cache, wait=False)
+    deadline = time.monotonic() + 300
+    while not (classes / "generated-00000.png").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "stopped while rendering class images" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    kept = {path.name: path.stat().st_ino for path in classes.glob("generated-*.png")}
+    assert 1 <= len(kept) < 4 and not list(classes.glob(".*.tmp"))
+
+    result = run_subprocess(*args, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in classes.glob("generated-*.png")) == [f"generated-0000{i}.png" for i in range(4)]
+    assert all((classes / name).stat().st_ino == inode for name, inode in kept.items()), "kept images are not redone"
