@@ -5,10 +5,10 @@
 
 Order of events: check the input and the run folder (before any model loads), load SDXL, render
 any missing class images (prior preservation), cache the VAE latents and text embeddings once,
-attach the adapter to the UNet, then one loop of
-optimizer steps with gradient accumulation, checkpoints and logs, and finally adapter.safetensors
-and run.json. Every random draw of the loop comes from one seeded generator that every process
-holds identically (each takes its own slice of a global batch), so a run is reproducible and its
+attach the adapter to the UNet, then one loop of optimizer steps with gradient accumulation,
+checkpoints and logs, and finally adapter.safetensors and run.json. Every random draw of the loop
+(instance and class rows alike) comes from one seeded generator that every process holds
+identically (each takes its own slice of a global batch), so a run is reproducible and its
 generator state fits in a checkpoint.
 """
 
@@ -231,10 +231,10 @@ def _setup(
     examples = cache_examples(pipe, images, accelerator.device)
     classes = None
     if class_images is not None:
-        rendering = render_missing(
+        finished = render_missing(
             pipe, class_images, config.data.resolution, accelerator, lambda: _any_process_received(stop, accelerator)
         )
-        if not rendering:
+        if not finished:
             _stop_rendering(class_images, accelerator, stop)
         # Numbered after the photos, so their random crops differ.
         classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
