@@ -234,7 +234,10 @@ def test_sidecar_captions_are_templated_and_a_missing_one_falls_back(tmp_path):
     photos = _photos(tmp_path / "photos")
     (photos / "a.txt").write_text("{token} {class} asleep on grass\n")
     (photos / "b.txt").write_text("a {class} by the sea")
-    subject = custom_subject(photos, "dog")  # the caption files raise no "skipping non-image" warning
+    (photos / "notes.txt").write_text("no photo's caption")
+    with pytest.warns(UserWarning) as warned:
+        subject = custom_subject(photos, "dog")
+    assert [str(warning.message).split(": ")[-1] for warning in warned] == ["notes.txt"], "captions are no strays"
     settings = DataSettings(instance_dir=str(photos), class_name="dog", captions="sidecar")
     with pytest.warns(UserWarning, match="1 of 3 photos have no caption"):
         assert training_prompts(subject, settings) == ["zjw dog asleep on grass", "a dog by the sea", "a zjw dog"]

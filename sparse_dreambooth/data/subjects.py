@@ -331,15 +331,12 @@ def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str |
     images = image_files(folder)
     if not images:
         raise UserError(f"no images ({', '.join('*' + suffix for suffix in IMAGE_SUFFIXES)}) in {folder}")
-    # Caption files (IMAGE.txt, metadata.jsonl) belong beside the photos: not worth a warning.
+    # Caption files (a photo's IMAGE.txt, metadata.jsonl) belong beside the photos: no warning for them.
+    captions = {image.with_suffix(SIDECAR_SUFFIX) for image in images} | {folder / METADATA_FILE}
     skipped = sorted(
         path.name
         for path in folder.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path not in images
-        and path.suffix != SIDECAR_SUFFIX
-        and path.name != METADATA_FILE
+        if path.is_file() and not path.name.startswith(".") and path not in images and path not in captions
     )
     if skipped:
         warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(skipped[:5])}", stacklevel=2)
