@@ -2,72 +2,100 @@
 drawn from those.
 
 Every (image, flip) variant is decoded up front (a broken file fails before any model loads),
-VAE-encoded once into its latent distribution, and kept with its SDXL time ids and the prompt's
-embeddings. Each micro-batch then samples latents from those distributions and noises them as
-DDPM's forward process does, from the one seeded generator the loop holds.
+VAE-encoded once into its latent distribution, and kept with its SDXL time ids and its prompt's
+embeddings (each distinct prompt encoded once). Each micro-batch then samples latents from those
+distributions and noises them as DDPM's forward process does, from the one seeded generator the
+loop holds.
 """
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
 from sparse_dreambooth.config import TrainConfig
-from sparse_dreambooth.data import PreparedImage, Subject, prepare_image
+from sparse_dreambooth.data import PreparedImage, prepare_image
 from sparse_dreambooth.model import add_time_ids, encode_prompts
 
 
 @dataclass
 class CachedExamples:
-    """Every (image, flip) variant as a VAE latent distribution, its time ids, and the prompt."""
+    """Every (image, flip) variant as a VAE latent distribution, its time ids, and its prompt."""
 
     latent_mean: torch.Tensor  # (N, 4, h, w)
     latent_std: torch.Tensor  # (N, 4, h, w)
     time_ids: torch.Tensor  # (N, 6)
-    prompt_embeds: torch.Tensor  # (1, 77, D)
-    pooled_embeds: torch.Tensor  # (1, D2)
+    prompt_embeds: torch.Tensor  # (P, 77, D) one row per distinct prompt
+    pooled_embeds: torch.Tensor  # (P, D2)
+    prompt_index: torch.Tensor  # (N,) each example's row of the prompt embeddings
 
 
-def prepare_images(subject: Subject, config: TrainConfig) -> list[PreparedImage]:
-    """Decode every (image, flip) variant up front, so a broken file fails before models load."""
+def prepare_examples(
+    paths: Sequence[Path], prompts: Sequence[str], config: TrainConfig, first_index: int = 0
+) -> Iterator[tuple[PreparedImage, str]]:
+    """Every (image, flip) variant decoded, with its image's prompt.
+
+    Image `i` crops with its own seeded RNG, numbered from `first_index` so the class images
+    (numbered after the instance photos) draw other crops than the photos.
+    """
     flips = (False, True) if config.data.random_flip else (False,)
-    return [
-        prepare_image(
-            path,
-            config.data.resolution,
-            flip=flip,
-            center_crop=config.data.center_crop,
-            rng=random.Random(config.train.seed * 1000 + index),
-        )
-        for index, path in enumerate(subject.image_paths)
-        for flip in flips
-    ]
+    for index, (path, prompt) in enumerate(zip(paths, prompts, strict=True), start=first_index):
+        for flip in flips:
+            image = prepare_image(
+                path,
+                config.data.resolution,
+                flip=flip,
+                center_crop=config.data.center_crop,
+                rng=random.Random(config.train.seed * 1000 + index),
+            )
+            yield image, prompt
 
 
 @torch.no_grad()
-def cache_examples(pipe, images: list[PreparedImage], prompt: str, device: torch.device) -> CachedExamples:
-    means, stds = [], []
-    for image in images:
+def cache_examples(pipe, examples: Iterable[tuple[PreparedImage, str]], device: torch.device) -> CachedExamples:
+    """VAE latents and time ids of each example, and the embeddings of each distinct prompt.
+
+    `examples` is consumed once, so a generator keeps only one decoded image in memory.
+    """
+    means, stds, time_ids, prompt_of, prompt_rows = [], [], [], [], {}
+    for image, prompt in examples:
         distribution = pipe.vae.encode(image.pixels[None].to(device, pipe.vae.dtype)).latent_dist
         means.append(distribution.mean.float().cpu())
         stds.append(distribution.std.float().cpu())
-    time_ids = [add_time_ids(image.original_size, image.crop_top_left, image.target_size) for image in images]
-    prompt_embeds, pooled = encode_prompts(
-        [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], [prompt]
-    )
+        time_ids.append(add_time_ids(image.original_size, image.crop_top_left, image.target_size))
+        prompt_of.append(prompt_rows.setdefault(prompt, len(prompt_rows)))
+    encoders = ([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+    # One prompt at a time: each example's embeddings are exactly what encoding its prompt alone gives.
+    embeds, pooled = zip(*(encode_prompts(*encoders, [prompt]) for prompt in prompt_rows), strict=True)
     return CachedExamples(
-        torch.cat(means), torch.cat(stds), torch.stack(time_ids), prompt_embeds.float().cpu(), pooled.float().cpu()
+        torch.cat(means),
+        torch.cat(stds),
+        torch.stack(time_ids),
+        torch.cat(embeds).float().cpu(),
+        torch.cat(pooled).float().cpu(),
+        torch.tensor(prompt_of, dtype=torch.long),
     )
 
 
 @dataclass
 class NoisyBatch:
-    """One micro-batch of this process: which examples, their timesteps, the UNet input and target."""
+    """One micro-batch of this process: which examples, the UNet's inputs, and its target."""
 
     index: torch.Tensor  # (b,) rows of the cached examples
     timesteps: torch.Tensor  # (b,)
     noisy: torch.Tensor  # (b, 4, h, w) latents with noise added at `timesteps`
     target: torch.Tensor  # (b, 4, h, w) what the UNet should predict: the noise, or v
+    prompt_embeds: torch.Tensor  # (b, 77, D) each row's prompt
+    pooled_embeds: torch.Tensor  # (b, D2)
+    time_ids: torch.Tensor  # (b, 6)
+
+
+def joined(first: NoisyBatch, second: NoisyBatch) -> NoisyBatch:
+    """Two batches as one UNet call, `first`'s rows first (DreamBooth's instance + class rows);
+    `index` then names rows of each batch's own examples."""
+    return NoisyBatch(*(torch.cat([getattr(first, part.name), getattr(second, part.name)]) for part in fields(first)))
 
 
 def noisy_batch(
@@ -85,7 +113,8 @@ def noisy_batch(
     Every process draws the same global batch (so the generator stays in step everywhere) and
     keeps rows `mine`. The latent is sampled from each image's cached VAE distribution, then
     noised as DDPM's forward process: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e, and the target is e
-    (epsilon prediction) or v = sqrt(a_t) e - sqrt(1 - a_t) x_0 (v-prediction). Pure: no model.
+    (epsilon prediction) or v = sqrt(a_t) e - sqrt(1 - a_t) x_0 (v-prediction); each row carries
+    its example's prompt embeddings and time ids. Pure: no model.
 
     A noise offset adds `noise_offset` x N(0, 1) per image and channel to e (a constant over the
     image), so the model can also learn to shift an image's mean brightness. Its draw comes last,
@@ -104,4 +133,13 @@ def noisy_batch(
     signal_scale, noise_scale = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     noisy = signal_scale * latents + noise_scale * noise
     target = signal_scale * noise - noise_scale * latents if prediction_type == "v_prediction" else noise
-    return NoisyBatch(index, timesteps, noisy, target)
+    prompt = examples.prompt_index[index]
+    return NoisyBatch(
+        index,
+        timesteps,
+        noisy,
+        target,
+        examples.prompt_embeds[prompt],
+        examples.pooled_embeds[prompt],
+        examples.time_ids[index],
+    )

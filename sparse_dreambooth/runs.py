@@ -64,7 +64,7 @@ RESUMABLE_CHANGES = {
     "report_to",
 }
 # Settings naming a path: compared as the folder they resolve to.
-PATH_SETTINGS = {"data_root", "instance_dir"}
+PATH_SETTINGS = {"data_root", "instance_dir", "class_data_dir"}
 
 
 def sample_name(prompt_index: int, sample_index: int, seed: int) -> str:

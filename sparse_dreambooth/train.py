@@ -3,12 +3,14 @@
     sparse-db train --subject dog6 --method waveft                    # one GPU
     accelerate launch -m sparse_dreambooth train --config ...        # several
 
-Order of events: check the input and the run folder (before any model loads), load SDXL, cache
-the VAE latents and text embeddings once, attach the adapter to the UNet, then one loop of
-optimizer steps with gradient accumulation, checkpoints and logs, and finally adapter.safetensors
-(and adapter-ema.safetensors with --ema-decay), run.json and the model card README.md. Every random
-draw of the loop comes from one seeded generator that every process holds identically (each takes
-its own slice of a global batch), so a run is reproducible and its generator state fits in a checkpoint.
+Order of events: check the input and the run folder (before any model loads), load SDXL, render
+any missing class images (prior preservation), cache the VAE latents and text embeddings once,
+attach the adapter to the UNet, then one loop of optimizer steps with gradient accumulation,
+checkpoints and logs, and finally adapter.safetensors (and adapter-ema.safetensors with
+--ema-decay), run.json and the model card README.md. Every random draw of the loop
+(instance and class rows alike) comes from one seeded generator that every process holds
+identically (each takes its own slice of a global batch), so a run is reproducible and its
+generator state fits in a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import torch
 
 from sparse_dreambooth import __version__, runs
 from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
-from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batch, prepare_images
+from sparse_dreambooth.batches import CachedExamples, cache_examples, joined, noisy_batch, prepare_examples
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
-from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts, instance_prompt
+from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts
+from sparse_dreambooth.data.captions import training_prompts
 from sparse_dreambooth.ema import AdapterEMA
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
@@ -43,6 +46,13 @@ from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
 from sparse_dreambooth.model_card import write_run_card
 from sparse_dreambooth.optimizers import build_optimizer, check_optimizer
+from sparse_dreambooth.prior import (
+    ClassImages,
+    class_examples,
+    instance_and_prior_loss,
+    plan_class_images,
+    render_missing,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -137,6 +147,7 @@ class Training:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # every random draw of the loop
     examples: CachedExamples
+    class_examples: CachedExamples | None  # prior preservation's class images, or None
     alphas_cumprod: torch.Tensor
     prediction_type: str
     scaling_factor: float
@@ -220,10 +231,12 @@ def _setup(
     config: TrainConfig,
     accelerator: Accelerator,
     subject: Subject,
-    images: list[PreparedImage],
+    images: list[tuple[PreparedImage, str]],
+    class_images: ClassImages | None,
     resume_from: Path | None,
+    stop: StopRequests,
 ) -> Training:
-    """Load SDXL, cache the examples, attach (or reload) the adapter, build the optimizer."""
+    """Load SDXL, render class images, cache the examples, attach (or reload) the adapter, build the optimizer."""
     from diffusers import DDPMScheduler
 
     train_cfg = config.train
@@ -231,7 +244,16 @@ def _setup(
     pipe = _load_model(config, accelerator.device, weight_dtype)
     base_model = model_identity(config.model.model, config.model.revision)
     cache_started = time.perf_counter()
-    examples = cache_examples(pipe, images, instance_prompt(subject, config.data.token), accelerator.device)
+    examples = cache_examples(pipe, images, accelerator.device)
+    classes = None
+    if class_images is not None:
+        finished = render_missing(
+            pipe, class_images, config.data.resolution, accelerator, lambda: _any_process_received(stop, accelerator)
+        )
+        if not finished:
+            _stop_rendering(class_images, accelerator, stop)
+        # Numbered after the photos, so their random crops differ.
+        classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
@@ -258,6 +280,7 @@ def _setup(
         lr_scheduler=lr_scheduler,
         generator=torch.Generator().manual_seed(train_cfg.seed),
         examples=examples,
+        class_examples=classes,
         alphas_cumprod=noise_scheduler.alphas_cumprod,
         prediction_type=noise_scheduler.config.prediction_type,
         scaling_factor=pipe.vae.config.scaling_factor,
@@ -298,10 +321,10 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
         training.weight_dtype,
     )
     rank = accelerator.process_index
-    step_loss = torch.zeros((), device=device)
-    for micro in range(accum):
-        drawn = noisy_batch(
-            examples,
+
+    def draw(from_examples: CachedExamples):
+        return noisy_batch(
+            from_examples,
             training.alphas_cumprod,
             training.prediction_type,
             training.scaling_factor,
@@ -310,26 +333,33 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
             mine=slice(rank * batch, (rank + 1) * batch),
             noise_offset=config.train.noise_offset,
         )
+
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accum):
+        drawn = draw(examples)
+        if training.class_examples is not None:  # as many class rows, after the instance rows
+            drawn = joined(drawn, draw(training.class_examples))
         # Gradients are synchronised across processes only on the last micro-batch.
         syncing = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
         with accelerator.autocast(), syncing:
             prediction = unet(
                 drawn.noisy.to(device, dtype),
                 drawn.timesteps.to(device),
-                examples.prompt_embeds.expand(batch, -1, -1).to(device, dtype),
+                drawn.prompt_embeds.to(device, dtype),
                 added_cond_kwargs={
-                    "text_embeds": examples.pooled_embeds.expand(batch, -1).to(device, dtype),
-                    "time_ids": examples.time_ids[drawn.index].to(device, dtype),
+                    "text_embeds": drawn.pooled_embeds.to(device, dtype),
+                    "time_ids": drawn.time_ids.to(device, dtype),
                 },
             ).sample
-            loss = loss_terms(
+            terms = loss_terms(
                 prediction.float(),
                 drawn.target.to(device).float(),
                 drawn.timesteps,
                 training.alphas_cumprod,
                 training.prediction_type,
                 config.train,
-            ).mean()
+            )
+            loss = instance_and_prior_loss(terms, batch, config.train.prior_loss_weight)
             accelerator.backward(loss / accum)
         step_loss += loss.detach() / accum
     # Reduced, so every process takes the same decisions afterwards.
@@ -386,10 +416,25 @@ def _validate(training: Training, config: TrainConfig) -> None:
     training.accelerator.wait_for_everyone()
 
 
-def _stop_requested(training: Training, stop: StopRequests) -> bool:
+def _any_process_received(stop: StopRequests, accelerator: Accelerator) -> bool:
     """True on every process once any process received SIGINT/SIGTERM."""
-    received = torch.tensor(float(stop.received is not None), device=training.accelerator.device)
-    return training.accelerator.reduce(received, reduction="sum").item() > 0
+    received = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    return accelerator.reduce(received, reduction="sum").item() > 0
+
+
+def _stop_rendering(class_images: ClassImages, accelerator: Accelerator, stop: StopRequests) -> None:
+    """End the run on a signal that came while class images were rendered: they are kept, and the
+    same command renders only the rest."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        done = sum(path.is_file() for path in class_images.paths)
+        print(
+            f"stopped while rendering class images; {done} of {len(class_images.paths)} are in "
+            f"{class_images.folder}; run the same command again to render the rest and train",
+            file=sys.stderr,
+        )
+    raise SystemExit(128 + (stop.received or signal.SIGTERM))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -407,13 +452,17 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     config = _with_absolute_paths(config)
     output = config.output_dir
     subject = runs.resolve_subject(config)
-    images = prepare_images(subject, config)
+    images = list(prepare_examples(subject.image_paths, training_prompts(subject, config.data), config))
     resume_from = runs.resolve_resume(output, resume)
     runs.check_output(config, resume_from, overwrite)
     if resume_from is not None:
         _check_checkpoint_adapter(config, resume_from)
     check_adapter_fits(config)
     check_tracker(config.train.report_to)
+    class_images = None
+    if config.data.with_prior_preservation:
+        base_model = model_identity(config.model.model, config.model.revision)
+        class_images = plan_class_images(config, subject.class_name, base_model)
 
     with deterministic_algorithms(config.train.deterministic):
         accelerator = Accelerator(
@@ -424,7 +473,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         check_optimizer(config.train, accelerator.device)
         lock = runs.run_lock(output) if accelerator.is_main_process else contextlib.nullcontext()
         with lock, StopRequests() as stop:
-            return _run(config, accelerator, subject, images, resume_from, overwrite, stop, started)
+            return _run(config, accelerator, subject, images, class_images, resume_from, overwrite, stop, started)
 
 
 def prepare_for_training(accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -468,7 +517,8 @@ def _run(
     config: TrainConfig,
     accelerator: Accelerator,
     subject: Subject,
-    images: list[PreparedImage],
+    images: list[tuple[PreparedImage, str]],
+    class_images: ClassImages | None,
     resume_from: Path | None,
     overwrite: bool,
     stop: StopRequests,
@@ -481,7 +531,7 @@ def _run(
     if main:
         _prepare_output(config, resume_from, overwrite)
     torch.manual_seed(train_cfg.seed)
-    training = _setup(config, accelerator, subject, images, resume_from)
+    training = _setup(config, accelerator, subject, images, class_images, resume_from, stop)
     if main:
         tracker_settings = {}
         if train_cfg.report_to == "wandb":  # named after the run folder, its files where TensorBoard's would go
@@ -503,7 +553,7 @@ def _run(
             progress.set_postfix(loss=f"{loss:.4f}")
             if train_cfg.validate_every and step % train_cfg.validate_every == 0:
                 _validate(training, config)
-            if _stop_requested(training, stop) and step < train_cfg.steps:
+            if _any_process_received(stop, accelerator) and step < train_cfg.steps:
                 break
             if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
                 _checkpoint(training, config)
@@ -525,7 +575,7 @@ def _run(
             "mean_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
         }
         try:
-            _write_results(training, config, subject, loss, seconds)
+            _write_results(training, config, subject, class_images, loss, seconds)
         except OSError as error:
             raise _disk_error(error, output / runs.ADAPTER_FILE, output) from None
     # Every rank tears the process group down together, once the main one has written: a rank that
@@ -536,9 +586,23 @@ def _run(
     return output
 
 
-def _write_results(training: Training, config: TrainConfig, subject: Subject, loss: float, seconds: dict) -> None:
+def _write_results(
+    training: Training,
+    config: TrainConfig,
+    subject: Subject,
+    class_images: ClassImages | None,
+    loss: float,
+    seconds: dict,
+) -> None:
     """adapter.safetensors (with the run's config inside), its moving average, run.json and README.md."""
     output = config.output_dir
+    prior = {}
+    if class_images is not None:
+        prior["class_images"] = {
+            "folder": str(class_images.folder),
+            "images": len(class_images.paths),
+            "prompt": class_images.prompt,
+        }
     unet = training.accelerator.unwrap_model(training.unet)
     save_adapter(
         unet,
@@ -574,6 +638,7 @@ def _write_results(training: Training, config: TrainConfig, subject: Subject, lo
             "seed": config.train.seed,
             "processes": training.accelerator.num_processes,
             "seconds": seconds,
+            **prior,
         },
     )
     write_run_card(output)

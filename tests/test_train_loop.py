@@ -20,6 +20,7 @@ def _examples(count: int = 3) -> CachedExamples:
         time_ids=torch.randn((count, 6), generator=generator),
         prompt_embeds=torch.zeros((1, 77, 16)),
         pooled_embeds=torch.zeros((1, 8)),
+        prompt_index=torch.zeros(count, dtype=torch.long),
     )
 
 

@@ -1,6 +1,7 @@
 """Training subjects and their images: the DreamBooth dataset, the user's photos, the micro subjects.
 
     subjects.py   find a subject, its class, kind and prompts
+    captions.py   per-image captions (IMAGE.txt or metadata.jsonl) as training prompts
     images.py     one image -> pixels + SDXL micro-conditioning
     micro.py      the micro subjects' photos, rendered offline into the cache
     download.py   fetch and check the DreamBooth dataset
@@ -23,6 +24,7 @@ from sparse_dreambooth.data.subjects import (
     evaluation_prompts,
     find_subject,
     get_subject,
+    image_files,
     instance_prompt,
     list_subjects,
     micro_subject,
@@ -50,6 +52,7 @@ __all__ = [
     "evaluation_prompts",
     "find_subject",
     "get_subject",
+    "image_files",
     "instance_prompt",
     "list_subjects",
     "micro_subject",

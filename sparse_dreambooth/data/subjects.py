@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+from sparse_dreambooth.data.captions import METADATA_FILE, SIDECAR_SUFFIX
 from sparse_dreambooth.data.micro import DEMO_ALIAS_OF, DEMO_SUBJECT, MICRO_PREFIX, micro_subject_dir
 from sparse_dreambooth.errors import UserError, did_you_mean
 
@@ -184,7 +185,8 @@ def _kind_of(class_name: str) -> str:
     return "live" if class_name in LIVE_CLASSES else "object"
 
 
-def _image_files(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
+def image_files(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """The images directly in `folder`, sorted by name; none if it is not a folder."""
     if not folder.is_dir():
         return ()
     return tuple(
@@ -216,7 +218,7 @@ def list_subjects(root: str | os.PathLike) -> list[Subject]:
     for name in sorted(classes):
         if not (root / name).exists():
             continue
-        images = _image_files(root / name)
+        images = image_files(root / name)
         if not images:
             raise UserError(
                 f"subject folder {root / name} is missing or has no images, so the dataset at {root} "
@@ -248,7 +250,7 @@ def micro_subject(name: str) -> Subject:
             f"and {DEMO_SUBJECT!r} ({MICRO_PREFIX}{DEMO_ALIAS_OF})"
         )
     class_name = MICRO_SUBJECTS[short].class_name
-    return Subject(name, class_name, CLASSES[class_name], _image_files(micro_subject_dir(short)))
+    return Subject(name, class_name, CLASSES[class_name], image_files(micro_subject_dir(short)))
 
 
 def micro_subjects() -> list[Subject]:
@@ -326,13 +328,15 @@ def custom_subject(instance_dir: str | os.PathLike, class_name: str, kind: str |
     kind = kind or _kind_of(class_name)
     if kind not in SUBJECT_KINDS:
         raise UserError(f"kind must be one of {', '.join(SUBJECT_KINDS)}, got {kind!r}")
-    images = _image_files(folder)
+    images = image_files(folder)
     if not images:
         raise UserError(f"no images ({', '.join('*' + suffix for suffix in IMAGE_SUFFIXES)}) in {folder}")
+    # Caption files (a photo's IMAGE.txt, metadata.jsonl) belong beside the photos: no warning for them.
+    captions = {image.with_suffix(SIDECAR_SUFFIX) for image in images} | {folder / METADATA_FILE}
     skipped = sorted(
         path.name
         for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path not in images
+        if path.is_file() and not path.name.startswith(".") and path not in images and path not in captions
     )
     if skipped:
         warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(skipped[:5])}", stacklevel=2)
