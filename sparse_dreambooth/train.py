@@ -39,6 +39,7 @@ from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
 from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.sample import render_images
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -87,20 +88,25 @@ class StopRequests:
 
 @torch.no_grad()
 def render_validation(pipe, unet: torch.nn.Module, prompt: str, config: TrainConfig, path: Path) -> None:
-    """One image of the current adapter (unmerged), seeded like evaluation sampling."""
+    """One image of the current adapter (unmerged), seeded like evaluation sampling.
+
+    The UNet is in the compute dtype and the VAE in fp32; `render_images` autocasts the one and
+    decodes with the other, as sampling does.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     scheduler = evaluation_scheduler(pipe.scheduler.config)
     validation = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     validation.set_progress_bar_config(disable=True)
     unet.eval()
-    image = validation(
-        prompt,
+    (image,) = render_images(
+        validation,
+        prompt=prompt,
         num_inference_steps=30,
         height=config.data.resolution,
         width=config.data.resolution,
         generator=torch.Generator().manual_seed(config.train.seed),
-    ).images[0]
+    )
     unet.train()
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -235,6 +241,10 @@ def _setup(
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer, lr_scheduler = _optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    # Under mixed precision Accelerate wraps the forward in autocast and casts its outputs to fp32.
+    # The loop autocasts itself and validation renders through render_images, which autocasts the
+    # UNet and decodes in fp32: the wrapper goes, so nothing works only because of it.
+    accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
     training = Training(
         accelerator=accelerator,
         pipe=pipe,
