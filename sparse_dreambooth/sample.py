@@ -9,6 +9,7 @@ a few prompts' samples, one row per prompt and one column per seed, so a run can
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -65,6 +66,7 @@ def sample(
     negative_prompt: str | None = None,
     resolution: int | None = None,
     output: Path | None = None,
+    model_settings: dict | None = None,
 ) -> Path:
     """Render images for a run folder; return the folder they went to.
 
@@ -75,6 +77,8 @@ def sample(
         seeds: one image per seed per prompt. Default: 42, 43, 44, 45.
         resolution: image side; default the run's training resolution.
         output: where the PNGs and samples.json go; default run/samples (run/samples-base).
+        model_settings: model settings replacing the run's (None values keep the run's), e.g.
+            {"model": "/new/place/of/the/folder"}.
     """
     from accelerate import Accelerator
 
@@ -94,12 +98,23 @@ def sample(
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) as training does
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-    model = config.model
-    pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=dtype)
+    model = dataclasses.replace(
+        config.model, **{key: value for key, value in (model_settings or {}).items() if value is not None}
+    )
+    pipe = load_pipeline(
+        model.model,
+        vae=model.vae,
+        revision=model.revision,
+        variant=model.variant,
+        model_config=model.model_config,
+        torch_dtype=dtype,
+    )
     pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; render_images decodes in fp32
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
-        load_adapter(pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision))
+        load_adapter(
+            pipe.unet, run / ADAPTER_FILE, base_model=model_identity(model.model, model.revision, model.variant)
+        )
         unload(pipe.unet)  # merged into plain nn.Linear weights: sampling costs what the base model costs
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from sparse_dreambooth import __version__, runs
-from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
+from sparse_dreambooth.adapters import BaseModel, attach, load_adapter, save_adapter, trainable_parameter_count
 from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batch, prepare_images
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
@@ -55,9 +55,7 @@ def check_adapter_fits(config: TrainConfig) -> None:
     from sparse_dreambooth.adapters.layer import target_linears
     from sparse_dreambooth.model import unet_skeleton
 
-    skeleton = unet_skeleton(config.model.model, config.model.revision)
-    if skeleton is None:
-        return  # single-file checkpoints: checked when the adapter is attached
+    skeleton = unet_skeleton(config.model.model, config.model.revision, config.model.model_config)
     linears = target_linears(skeleton, config.adapter.targets)
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     method_of(config.adapter).layer_budgets(config.adapter, shapes)
@@ -131,7 +129,7 @@ class Training:
     prediction_type: str
     scaling_factor: float
     weight_dtype: torch.dtype
-    base_model: str
+    base_model: BaseModel
     validation_prompt: str
     cache_seconds: float
     step: int = 0
@@ -183,7 +181,12 @@ def _load_model(config: TrainConfig, device: torch.device, weight_dtype: torch.d
     """The SDXL pipeline: frozen parts in the compute dtype, the VAE in fp32 (it overflows in fp16)."""
     model = config.model
     pipe = load_pipeline(
-        model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=weight_dtype
+        model.model,
+        vae=model.vae,
+        revision=model.revision,
+        variant=model.variant,
+        model_config=model.model_config,
+        torch_dtype=weight_dtype,
     )
     if weight_dtype != torch.float32:
         pipe.vae.to(torch.float32)
@@ -221,7 +224,7 @@ def _setup(
     train_cfg = config.train
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
     pipe = _load_model(config, accelerator.device, weight_dtype)
-    base_model = model_identity(config.model.model, config.model.revision)
+    base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, instance_prompt(subject, config.data.token), accelerator.device)
     cache_seconds = time.perf_counter() - cache_started
@@ -494,7 +497,8 @@ def _write_results(training: Training, config: TrainConfig, subject: Subject, lo
                 "kind": subject.kind,
                 "images": len(subject.image_paths),
             },
-            "base_model": training.base_model,
+            "base_model": training.base_model.name,
+            "base_model_fingerprint": training.base_model.fingerprint,
             "trainable_parameters": trainable_parameter_count(unet),
             "steps": training.step,
             "final_loss": loss,

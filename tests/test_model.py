@@ -15,6 +15,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from safetensors.torch import save_file
 
 from sparse_dreambooth import model
+from sparse_dreambooth.adapters import BaseModel
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.model import (
     DEFAULT_MODEL,
@@ -217,7 +218,7 @@ def test_single_file_without_cached_base_model_configs_is_a_one_line_user_error(
         load_pipeline(str(checkpoint))
     assert "\n" not in str(error.value)
     assert str(checkpoint) in str(error.value)
-    assert DEFAULT_MODEL in str(error.value)
+    assert DEFAULT_MODEL in str(error.value) and "pass --model-config DIR" in str(error.value)
 
 
 def test_vae_option_replaces_the_pipeline_vae(tiny_pipe):
@@ -235,15 +236,15 @@ def test_missing_vae_folder_is_a_user_error(tmp_path):
         load_pipeline(TINY_MODEL, vae=str(tmp_path / "no-vae"))
 
 
-def test_model_identity(tmp_path, monkeypatch):
-    assert model_identity(TINY_MODEL) == f"tiny-sdxl-{TINY_MODEL_VERSION}-seed0"
-    assert model_identity(DEFAULT_MODEL) == f"{DEFAULT_MODEL}@main"
-    assert model_identity("some-org/model", revision="abc123") == "some-org/model@abc123"
+def test_model_identity_names(tmp_path, monkeypatch):
+    tiny = model_identity(TINY_MODEL)
+    assert tiny.name == f"tiny-sdxl-{TINY_MODEL_VERSION}-seed0" and tiny.fingerprint.startswith("unet-v1:")
+    # Not in the (empty) Hub cache: known by name alone.
+    assert model_identity(DEFAULT_MODEL) == BaseModel(f"{DEFAULT_MODEL}@main")
+    assert model_identity("some-org/model", revision="abc123") == BaseModel("some-org/model@abc123")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "local-sdxl").mkdir()
-    assert model_identity("local-sdxl") == str(tmp_path.resolve() / "local-sdxl")
-    checkpoint = "./checkpoints/sdxl.safetensors"
-    assert model_identity(checkpoint) == str(tmp_path.resolve() / "checkpoints" / "sdxl.safetensors")
+    assert model_identity("local-sdxl") == BaseModel(str(tmp_path.resolve() / "local-sdxl"))
 
 
 def test_cache_dir_defaults_to_home_cache(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ def train_command(
     train(merged, resume=resume, overwrite=overwrite)
 
 
+@with_settings("model")
 def sample_command(
     run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train`"),
     method: str = typer.Option(
@@ -46,8 +47,12 @@ def sample_command(
     output: Path | None = typer.Option(
         None, "--output", help="folder for the PNGs (default: RUN/samples or RUN/samples-base)"
     ),
+    **model_settings,
 ) -> None:
-    """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in."""
+    """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in.
+
+    The base model is the run's; the model flags replace it, e.g. --model DIR for a model folder
+    that moved since training (the adapter still checks that it is the same model)."""
     if method not in ("adapter", "base"):
         raise UserError(f"--method must be 'adapter' or 'base', got {method!r}")
     try:
@@ -69,4 +74,5 @@ def sample_command(
         negative_prompt=negative_prompt,
         resolution=resolution,
         output=output,
+        model_settings=model_settings,
     )
