@@ -230,7 +230,7 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(method, tmp_p
     x = torch.randn(5, 24)
     expected = model(x)
     path = tmp_path / "adapter.safetensors"
-    sd.save_adapter(model, path, config, base_model=sd.BaseModel("toy"))
+    sd.save_adapter(model, path, config, base_model="toy")
 
     # Positions come from the file, never from re-running the generator.
     def no_redraw(*args, **kwargs):
@@ -239,7 +239,7 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(method, tmp_p
     monkeypatch.setattr(sparse_module, "random_positions", no_redraw)
     monkeypatch.setattr("sparse_dreambooth.adapters.layer.random_positions", no_redraw)
     reloaded = fresh_model()
-    assert sd.load_adapter(reloaded, path, base_model=sd.BaseModel("toy")) == config
+    assert sd.load_adapter(reloaded, path, base_model="toy") == config
     assert torch.equal(reloaded(x), expected)
 
     from safetensors import safe_open
@@ -264,9 +264,9 @@ def test_loading_onto_another_base_model_or_shape_is_refused(tmp_path):
     config = sd.AdapterConfig(budget=10, targets=["to_q", "to_k"])
     sd.attach(model, config)
     path = tmp_path / "a.safetensors"
-    sd.save_adapter(model, path, config, base_model=sd.BaseModel("model-a"))
+    sd.save_adapter(model, path, config, base_model="model-a")
     with pytest.raises(UserError, match="model-a"):
-        sd.load_adapter(fresh_model(), path, base_model=sd.BaseModel("model-b"))
+        sd.load_adapter(fresh_model(), path, base_model="model-b")
     with pytest.raises(UserError, match="to_q"):
         sd.load_adapter(fresh_model(in_features=12), path)
     path.write_bytes(path.read_bytes()[:-20])
@@ -480,7 +480,7 @@ def test_one_damaged_byte_of_metadata_is_a_one_line_error(tmp_path, target, repl
     config = sd.AdapterConfig(budget=20, targets=["to_q"])
     sd.attach(model, config)
     path = tmp_path / "adapter.safetensors"
-    sd.save_adapter(model, path, config, base_model=sd.BaseModel("toy"))
+    sd.save_adapter(model, path, config, base_model="toy")
     blob = path.read_bytes()
     header_end = 8 + int.from_bytes(blob[:8], "little")
     assert blob.count(target, 0, header_end) == 1

@@ -25,7 +25,7 @@ from sparse_dreambooth.export import export_adapter, import_adapter, peft_wavele
 from sparse_dreambooth.files import write_safetensors
 from sparse_dreambooth.model import load_pipeline, model_identity, tiny_pipeline_path
 
-TINY_BASE = adapters.BaseModel("tiny-sdxl-v1-seed0")
+TINY_BASE = "tiny-sdxl-v1-seed0"
 # The tiny UNet's 136 attention projections include, in kohya's documented naming
 # (lora_unet_ + the diffusers module name with dots as underscores):
 KOHYA_EXAMPLES = {

@@ -61,19 +61,20 @@ def save_adapter(
     model: nn.Module,
     path,
     config: AdapterConfig,
-    base_model: BaseModel = BaseModel("unknown"),
+    base_model: BaseModel | str = "unknown",
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the model's adapters to a safetensors file, atomically.
 
     Args:
         config: the config the adapters were attached with.
-        base_model: the base model's identity, checked on load.
+        base_model: the base model's identity, checked on load; a string is a name alone.
         metadata: extra string fields to store (run settings, say).
     """
     layers = adapted_layers(model)
     if not layers:
         raise UserError("the model has no adapters to save; attach or load one first")
+    base_model = BaseModel(base_model) if isinstance(base_model, str) else base_model
     header = {
         **(metadata or {}),
         "format": FORMAT,
@@ -158,12 +159,12 @@ def check_base_model(path, stored: BaseModel, base_model: BaseModel) -> None:
     )
 
 
-def load_adapter(model: nn.Module, path, base_model: BaseModel | None = None) -> AdapterConfig:
+def load_adapter(model: nn.Module, path, base_model: BaseModel | str | None = None) -> AdapterConfig:
     """Attach the adapters stored in `path` to `model` (in place) and return their config.
 
     Args:
         base_model: when given, the file must have been trained on this base model
-            (`BaseModel.same_as`).
+            (`BaseModel.same_as`; a string is a name alone).
 
     Raises:
         UserError: on another base model, missing/extra/mis-shaped tensors or a damaged file,
@@ -171,7 +172,8 @@ def load_adapter(model: nn.Module, path, base_model: BaseModel | None = None) ->
     """
     config, tensors, metadata = read_adapter(path)
     if base_model is not None:
-        check_base_model(path, stored_base_model(metadata), base_model)
+        expected = BaseModel(base_model) if isinstance(base_model, str) else base_model
+        check_base_model(path, stored_base_model(metadata), expected)
     stored_layers = _metadata_json(metadata, "layers", path, dict)
     linears = target_linears(model, config.targets)
     for name, shape in stored_layers.items():
