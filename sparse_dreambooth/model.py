@@ -165,7 +165,9 @@ def unet_skeleton(model: str, revision: str | None = None, model_config: str | N
     else:
         source = local_path or model
     try:
-        config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+        config = UNet2DConditionModel.load_config(
+            source, subfolder="unet", revision=revision if local_path is None else None
+        )
     except OSError as error:
         if local_path is not None and local_path.is_file():
             raise _single_file_needs_configs(local_path, source) from error
@@ -209,10 +211,13 @@ def _recognised_base_model(path: Path) -> str:
     """The Hub id of the base model diffusers recognises from a single file's tensor names (SDXL
     base for an SDXL checkpoint), read from the header alone."""
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:  # names and shapes are all diffusers looks at
-        header = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # names and shapes are all diffusers looks at
+            header = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from None
     return fetch_diffusers_config(header)["pretrained_model_name_or_path"]
 
 
@@ -341,7 +346,8 @@ def unet_fingerprint(config: dict | None, files: list[Path], prefix: str = "") -
     """`"unet-v1:<sha256>"` over the UNet's architecture config, every tensor's name and shape, and
     the first `FINGERPRINT_ELEMENTS` values of each tensor.
 
-    Only those values are read (a few MB of SDXL's 5-10 GB), straight from the safetensors files.
+    Only those values are read, straight from the safetensors files: 0.9 MB of SDXL's 5.1 GB fp16
+    UNet (1,680 tensors), in 0.05 s once the file is in the page cache.
     They are hashed as fp16, the way fp16 variant files are cast from fp32 ones, so a model's fp32
     and fp16 files give one fingerprint.
 

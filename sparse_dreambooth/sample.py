@@ -109,7 +109,8 @@ def sample(
         model_config=model.model_config,
         torch_dtype=dtype,
     )
-    pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; render_images decodes in fp32
+    if dtype != torch.float32:
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; render_images decodes in fp32
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
         load_adapter(
