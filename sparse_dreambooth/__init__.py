@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _ADAPTER_API = {
     "AdapterConfig",
     "AdaptedLinear",
+    "BaseModel",
     "adapted_layers",
     "attach",
     "idwt2",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_dreambooth.adapters import save_adapter
+from sparse_dreambooth.adapters import BaseModel, save_adapter
 from sparse_dreambooth.config import AdapterConfig
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_folder, write_json, write_safetensors
@@ -28,7 +28,7 @@ def save_checkpoint(
     path: Path,
     unet: torch.nn.Module,
     adapter_config: AdapterConfig,
-    base_model: str,
+    base_model: BaseModel,
     optimizer: torch.optim.Optimizer,
     scheduler,
     generator: torch.Generator,

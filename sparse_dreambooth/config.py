@@ -128,7 +128,11 @@ class ModelSettings:
     model: str = setting(DEFAULT_MODEL, "Hub id, local diffusers folder, single .safetensors file, or 'tiny'")
     vae: str | None = setting(None, "replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     revision: str | None = setting(None, "Hub revision of the model")
-    variant: str | None = setting(None, "weight variant, e.g. fp16")
+    variant: str | None = setting(None, "weight variant, e.g. fp16 (half the download; single files have none)")
+    model_config: str | None = setting(
+        None,
+        "for a single .safetensors model: a local diffusers folder (configs and tokenizers suffice) to read offline",
+    )
 
 
 @dataclass

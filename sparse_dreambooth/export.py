@@ -306,9 +306,14 @@ def _export_merged(
     _check_destination(out, overwrite)
     model = _run_model_settings(adapter, run)
     pipe = load_pipeline(
-        model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=torch.float32
+        model.model,
+        vae=model.vae,
+        revision=model.revision,
+        variant=model.variant,
+        model_config=model.model_config,
+        torch_dtype=torch.float32,
     )
-    load_adapter(pipe.unet, adapter.path, base_model=model_identity(model.model, model.revision))
+    load_adapter(pipe.unet, adapter.path, base_model=model_identity(model.model, model.revision, model.variant))
     unload(pipe.unet)  # merged in fp32, then cast: one rounding
     saved = pipe if pipeline else pipe.unet
     if dtype != torch.float32:

@@ -419,13 +419,10 @@ def _import_targets(peft_targets, shapes: dict, names: list[str]) -> list[str]:
 
 
 def _unet_linear_shapes(model: ModelSettings) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear of the model's UNet, in module order, without loading weights
-    when the model has a config to read (everything but a single-file checkpoint)."""
-    from sparse_dreambooth.model import load_pipeline, unet_skeleton
+    """(out, in) of every nn.Linear of the model's UNet, in module order, from its config alone."""
+    from sparse_dreambooth.model import unet_skeleton
 
-    unet = unet_skeleton(model.model, model.revision)
-    if unet is None:
-        unet = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant).unet
+    unet = unet_skeleton(model.model, model.revision, model.model_config)
     return {
         name: (module.out_features, module.in_features)
         for name, module in unet.named_modules()
@@ -479,7 +476,7 @@ def import_adapter(source, output, *, overwrite: bool = False, **settings) -> Pa
     modules = {name: modules[name] for name in names}
     targets = _import_targets(peft_config.get("target_modules"), shapes, names)
     config = merge_settings(None, {**settings, **adapter_settings, "targets": targets, "output": str(output)})
-    base_model = model_identity(config.model.model, config.model.revision)
+    base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     output.mkdir(parents=True, exist_ok=True)
     write_text(output / CONFIG_FILE, dump_yaml(config))
     save_adapter(
@@ -510,7 +507,8 @@ def import_adapter(source, output, *, overwrite: bool = False, **settings) -> Pa
                 "kind": subject.kind,
                 "images": len(subject.image_paths),
             },
-            "base_model": base_model,
+            "base_model": base_model.name,
+            "base_model_fingerprint": base_model.fingerprint,
             "trainable_parameters": sum(p.numel() for module in modules.values() for p in module.parameters()),
             "steps": None,
         },

@@ -9,6 +9,7 @@ a few prompts' samples, one row per prompt and one column per seed, so a run can
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -73,6 +74,7 @@ def sample(
     resolution: int | None = None,
     output: Path | None = None,
     ema: bool = False,
+    model_settings: dict | None = None,
 ) -> Path:
     """Render images for a run folder; return the folder they went to.
 
@@ -84,6 +86,8 @@ def sample(
         resolution: image side; default the run's training resolution.
         output: where the PNGs and samples.json go; default run/samples (run/samples-base, run/samples-ema).
         ema: sample the moving average of the adapter weights (adapter-ema.safetensors) instead.
+        model_settings: model settings replacing the run's (None values keep the run's), e.g.
+            {"model": "/new/place/of/the/folder"}.
     """
     from accelerate import Accelerator
 
@@ -107,12 +111,25 @@ def sample(
     prompts = prompts or data.evaluation_prompts(subject, config.data.token)
 
     state = Accelerator()  # reads the launcher's settings (ACCELERATE_USE_CPU, ranks) as training does
-    dtype = torch.float16 if state.device.type == "cuda" else torch.float32  # SDXL's VAE upcasts itself
-    model = config.model
-    pipe = load_pipeline(model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=dtype)
+    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
+    model = dataclasses.replace(
+        config.model, **{key: value for key, value in (model_settings or {}).items() if value is not None}
+    )
+    pipe = load_pipeline(
+        model.model,
+        vae=model.vae,
+        revision=model.revision,
+        variant=model.variant,
+        model_config=model.model_config,
+        torch_dtype=dtype,
+    )
+    if dtype != torch.float32:
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; render_images decodes in fp32
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
-        load_adapter(pipe.unet, run / adapter_file, base_model=model_identity(model.model, model.revision))
+        load_adapter(
+            pipe.unet, run / adapter_file, base_model=model_identity(model.model, model.revision, model.variant)
+        )
         unload(pipe.unet)  # merged into plain nn.Linear weights: sampling costs what the base model costs
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
@@ -140,7 +157,8 @@ def _render(pipe, state, jobs, output, batch_size, negative_prompt, num_steps, g
     mine = [job for job in jobs[state.process_index :: state.num_processes] if not (output / job.file_name).is_file()]
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     for batch in tqdm(batches, desc="sample", unit="batch", disable=not state.is_main_process):
-        images = pipe(
+        images = render_images(
+            pipe,
             prompt=[job.prompt for job in batch],
             negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
             generator=[torch.Generator().manual_seed(job.seed) for job in batch],
@@ -148,10 +166,37 @@ def _render(pipe, state, jobs, output, batch_size, negative_prompt, num_steps, g
             guidance_scale=guidance,
             height=resolution,
             width=resolution,
-        ).images
+        )
         for job, image in zip(batch, images, strict=False):
             with atomic_path(output / job.file_name) as tmp:
                 image.save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def render_images(pipe, **call_arguments) -> list[Image.Image]:
+    """`pipe(**call_arguments).images`, with the UNet in its own dtype under explicit autocast and the
+    VAE decoding in fp32.
+
+    The pipeline runs to latents inside `torch.autocast` for the UNet's dtype (off for fp32), so a
+    bf16 or fp16 UNet works on its own, without Accelerate's wrapper that casts its outputs; the
+    latents are then upcast to the VAE's dtype (fp32: SDXL's VAE overflows in fp16) and decoded as
+    the pipeline decodes them. In fp32 this is exactly `pipe(...)`, byte for byte.
+    """
+    compute_dtype = pipe.unet.dtype
+    with torch.autocast(pipe.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        latents = pipe(**call_arguments, output_type="latent").images
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:  # as the pipeline unscales: with the VAE's statistics if it has them
+        mean, std = (torch.tensor(value).view(1, 4, 1, 1).to(latents.device, latents.dtype) for value in (mean, std))
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    decoded = vae.decode(latents, return_dict=False)[0]
+    if pipe.watermark is not None:
+        decoded = pipe.watermark.apply_watermark(decoded)
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sparse_dreambooth import __version__, runs
-from sparse_dreambooth.adapters import attach, load_adapter, save_adapter, trainable_parameter_count
+from sparse_dreambooth.adapters import BaseModel, attach, load_adapter, save_adapter, trainable_parameter_count
 from sparse_dreambooth.batches import CachedExamples, cache_examples, joined, noisy_batch, prepare_examples
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
@@ -53,6 +53,7 @@ from sparse_dreambooth.prior import (
     plan_class_images,
     render_missing,
 )
+from sparse_dreambooth.sample import render_images
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -68,9 +69,7 @@ def check_adapter_fits(config: TrainConfig) -> None:
     from sparse_dreambooth.adapters.layer import target_linears
     from sparse_dreambooth.model import unet_skeleton
 
-    skeleton = unet_skeleton(config.model.model, config.model.revision)
-    if skeleton is None:
-        return  # single-file checkpoints: checked when the adapter is attached
+    skeleton = unet_skeleton(config.model.model, config.model.revision, config.model.model_config)
     linears = target_linears(skeleton, config.adapter.targets)
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     method_of(config.adapter).layer_budgets(config.adapter, shapes)
@@ -113,20 +112,25 @@ class StopRequests:
 
 @torch.no_grad()
 def render_validation(pipe, unet: torch.nn.Module, prompt: str, config: TrainConfig, path: Path) -> None:
-    """One image of the current adapter (unmerged), seeded like evaluation sampling."""
+    """One image of the current adapter (unmerged), seeded like evaluation sampling.
+
+    The UNet is in the compute dtype and the VAE in fp32; `render_images` autocasts the one and
+    decodes with the other, as sampling does.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     scheduler = evaluation_scheduler(pipe.scheduler.config)
     validation = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     validation.set_progress_bar_config(disable=True)
     unet.eval()
-    image = validation(
-        prompt,
+    (image,) = render_images(
+        validation,
+        prompt=prompt,
         num_inference_steps=30,
         height=config.data.resolution,
         width=config.data.resolution,
         generator=torch.Generator().manual_seed(config.train.seed),
-    ).images[0]
+    )
     unet.train()
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -152,7 +156,7 @@ class Training:
     prediction_type: str
     scaling_factor: float
     weight_dtype: torch.dtype
-    base_model: str
+    base_model: BaseModel
     validation_prompt: str
     cache_seconds: float
     ema: AdapterEMA | None  # the moving average of `trainable`, with --ema-decay
@@ -208,7 +212,12 @@ def _load_model(config: TrainConfig, device: torch.device, weight_dtype: torch.d
     """The SDXL pipeline: frozen parts in the compute dtype, the VAE in fp32 (it overflows in fp16)."""
     model = config.model
     pipe = load_pipeline(
-        model.model, vae=model.vae, revision=model.revision, variant=model.variant, torch_dtype=weight_dtype
+        model.model,
+        vae=model.vae,
+        revision=model.revision,
+        variant=model.variant,
+        model_config=model.model_config,
+        torch_dtype=weight_dtype,
     )
     if weight_dtype != torch.float32:
         pipe.vae.to(torch.float32)
@@ -242,7 +251,7 @@ def _setup(
     train_cfg = config.train
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
     pipe = _load_model(config, accelerator.device, weight_dtype)
-    base_model = model_identity(config.model.model, config.model.revision)
+    base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, accelerator.device)
     classes = None
@@ -271,6 +280,10 @@ def _setup(
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer, lr_scheduler = _optimizer(trainable, config)
     unet, optimizer = prepare_for_training(accelerator, unet, optimizer)
+    # Under mixed precision Accelerate wraps the forward in autocast and casts its outputs to fp32.
+    # The loop autocasts itself and validation renders through render_images, which autocasts the
+    # UNet and decodes in fp32: the wrapper goes, so nothing works only because of it.
+    accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
     training = Training(
         accelerator=accelerator,
         pipe=pipe,
@@ -461,8 +474,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     check_tracker(config.train.report_to)
     class_images = None
     if config.data.with_prior_preservation:
-        base_model = model_identity(config.model.model, config.model.revision)
-        class_images = plan_class_images(config, subject.class_name, base_model)
+        base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
+        class_images = plan_class_images(config, subject.class_name, base_model.fingerprint or base_model.name)
 
     with deterministic_algorithms(config.train.deterministic):
         accelerator = Accelerator(
@@ -631,7 +644,8 @@ def _write_results(
                 "kind": subject.kind,
                 "images": len(subject.image_paths),
             },
-            "base_model": training.base_model,
+            "base_model": training.base_model.name,
+            "base_model_fingerprint": training.base_model.fingerprint,
             "trainable_parameters": trainable_parameter_count(unet),
             "steps": training.step,
             "final_loss": loss,

@@ -41,6 +41,7 @@ def test_paper_recipes_hold_the_papers_setup(recipe, method):
     # Values from the authors' configs (../shared/notes/method-facts.md).
     config = merge_settings(read_yaml(CONFIGS / recipe), {"subject": "dog6"})
     assert config.model.model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert config.model.variant == "fp16"  # the fp16 files: half the download, and bf16 training reads no more
     assert (config.data.resolution, config.data.token, config.data.random_flip) == (1024, "zjw", False)
     train = config.train
     assert (train.steps, train.batch_size, train.grad_accum, train.lr) == (500, 1, 4, 1e-4)

@@ -72,7 +72,8 @@ def test_micro_pipeline_has_sdxl_conditioning_and_the_skeletons_layers(pipe):
     skeleton = {name: tuple(p.shape) for name, p in unet_skeleton(MICRO_MODEL).named_parameters()}
     assert skeleton == {name: tuple(p.shape) for name, p in pipe.unet.named_parameters()}
     assert any(name.endswith("attn2.to_k.weight") for name in skeleton)  # the layers adapters attach to
-    assert model_identity(MICRO_MODEL) == f"micro-sdxl-{micro.MICRO_MODEL_VERSION}"
+    identity = model_identity(MICRO_MODEL)
+    assert identity.name == f"micro-sdxl-{micro.MICRO_MODEL_VERSION}" and identity.fingerprint.startswith("unet-v1:")
 
 
 def test_every_caption_word_and_rare_token_is_a_single_token(pipe):

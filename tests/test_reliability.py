@@ -308,7 +308,7 @@ def test_an_adapter_for_another_base_model_is_refused_by_sample(trained_run, tmp
     rewrite(
         run / "adapter.safetensors",
         run / "adapter.safetensors",
-        edit_metadata=lambda metadata: metadata.update(base_model="stabilityai/other@main"),
+        edit_metadata=lambda metadata: metadata.update(base_model="stabilityai/other@main", base_model_fingerprint="x"),
     )
     result = run_subprocess(
         "sample", "--run", run, "--num-steps", "1", "--seeds", "42", "--prompt", "x", cache=tmp_path

@@ -3,7 +3,7 @@
 from sparse_dreambooth.adapters import AdapterConfig, attach, merge, save_adapter, load_adapter
 """
 
-from sparse_dreambooth.adapters.io import load_adapter, read_adapter, save_adapter
+from sparse_dreambooth.adapters.io import BaseModel, load_adapter, read_adapter, save_adapter
 from sparse_dreambooth.adapters.layer import (
     AdaptedLinear,
     adapted_layers,
@@ -21,6 +21,7 @@ __all__ = [
     "METHODS",
     "SDXL_ATTENTION_TARGETS",
     "AdaptedLinear",
+    "BaseModel",
     "AdapterConfig",
     "adapted_layers",
     "attach",

@@ -4,7 +4,8 @@ Tensors are named "<module name>.<tensor>" (coefficients and int32 positions for
 lora_A and lora_B for LoRA). The positions are stored, not re-drawn from the seed, so a file loads
 the same under any torch version. Metadata (all strings, as safetensors requires):
     format, format_version, adapter_config (JSON), layers (JSON name -> [out, in]),
-    base_model, sparse_dreambooth_version, plus whatever the caller adds.
+    base_model (its name), base_model_fingerprint (its UNet's, when known),
+    sparse_dreambooth_version, plus whatever the caller adds.
 """
 
 import json
@@ -27,6 +28,25 @@ FORMAT = "sparse-dreambooth-adapter"
 FORMAT_VERSION = "1"
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model an adapter belongs to (`sparse_dreambooth.model.model_identity` builds it).
+
+    `name` says where it came from, for people and for PEFT's base_model_name_or_path: a Hub
+    id@revision, a path, "tiny-sdxl-v1-seed0". `fingerprint` identifies the weights themselves:
+    when both files have one, only the fingerprints are compared, so a moved folder or a Hub id
+    and its local copy match. Files from before fingerprints are matched by name.
+    """
+
+    name: str
+    fingerprint: str | None = None
+
+    def same_as(self, stored: "BaseModel") -> bool:
+        if self.fingerprint is not None and stored.fingerprint is not None:
+            return self.fingerprint == stored.fingerprint
+        return self.name == stored.name
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor of the model under its file name (positions as int32)."""
     tensors = {}
@@ -41,26 +61,28 @@ def save_adapter(
     model: nn.Module,
     path,
     config: AdapterConfig,
-    base_model: str = "unknown",
+    base_model: BaseModel | str = "unknown",
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the model's adapters to a safetensors file, atomically.
 
     Args:
         config: the config the adapters were attached with.
-        base_model: identity of the base model, checked on load.
+        base_model: the base model's identity, checked on load; a string is a name alone.
         metadata: extra string fields to store (run settings, say).
     """
     layers = adapted_layers(model)
     if not layers:
         raise UserError("the model has no adapters to save; attach or load one first")
+    base_model = BaseModel(base_model) if isinstance(base_model, str) else base_model
     header = {
         **(metadata or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapter_config": json.dumps(config.to_dict(), sort_keys=True),
         "layers": json.dumps({name: [layer.out_features, layer.in_features] for name, layer in layers.items()}),
-        "base_model": base_model,
+        "base_model": base_model.name,
+        **({"base_model_fingerprint": base_model.fingerprint} if base_model.fingerprint else {}),
         "sparse_dreambooth_version": __version__,
     }
     tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_tensors(model).items()}
@@ -111,22 +133,47 @@ def _metadata_json(metadata: dict[str, str], key: str, path, kind: type):
     return value
 
 
-def load_adapter(model: nn.Module, path, base_model: str | None = None) -> AdapterConfig:
+def stored_base_model(metadata: dict[str, str]) -> BaseModel:
+    """The base model an adapter file records (name "unknown" if it records none)."""
+    return BaseModel(metadata.get("base_model", "unknown"), metadata.get("base_model_fingerprint"))
+
+
+def check_base_model(path, stored: BaseModel, base_model: BaseModel) -> None:
+    """Refuse, in one line that says what to do, an adapter trained on another base model."""
+    if base_model.same_as(stored):
+        return
+    if stored.fingerprint is None and base_model.fingerprint is not None:
+        raise UserError(
+            f"{path} was trained on base model {stored.name!r}, not {base_model.name!r}; the file predates "
+            "weight fingerprints, so only that exact name matches it: pass --model with that value (a moved "
+            "folder: move it back to that path)"
+        )
+    if stored.name == base_model.name:
+        raise UserError(
+            f"{path} was trained on other weights than the model now at {base_model.name!r} (UNet fingerprints "
+            f"{stored.fingerprint} vs {base_model.fingerprint}); load it onto the model it was trained on"
+        )
+    raise UserError(
+        f"{path} was trained on base model {stored.name!r}, not {base_model.name!r}; "
+        "load it onto the model it was trained on"
+    )
+
+
+def load_adapter(model: nn.Module, path, base_model: BaseModel | str | None = None) -> AdapterConfig:
     """Attach the adapters stored in `path` to `model` (in place) and return their config.
 
     Args:
-        base_model: when given, the file must have been trained on this base model.
+        base_model: when given, the file must have been trained on this base model
+            (`BaseModel.same_as`; a string is a name alone).
 
     Raises:
         UserError: on another base model, missing/extra/mis-shaped tensors or a damaged file,
             naming the tensor.
     """
     config, tensors, metadata = read_adapter(path)
-    if base_model is not None and metadata.get("base_model") != base_model:
-        raise UserError(
-            f"{path} was trained on base model {metadata.get('base_model')!r}, not {base_model!r}; "
-            "load it onto the model it was trained on"
-        )
+    if base_model is not None:
+        expected = BaseModel(base_model) if isinstance(base_model, str) else base_model
+        check_base_model(path, stored_base_model(metadata), expected)
     stored_layers = _metadata_json(metadata, "layers", path, dict)
     linears = target_linears(model, config.targets)
     for name, shape in stored_layers.items():

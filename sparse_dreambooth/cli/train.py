@@ -29,6 +29,7 @@ def train_command(
     train(merged, resume=resume, overwrite=overwrite)
 
 
+@with_settings("model")
 def sample_command(
     run: Path = typer.Option(..., "--run", help="run folder written by `sparse-db train`"),
     method: str = typer.Option(
@@ -49,8 +50,12 @@ def sample_command(
     ema: bool = typer.Option(
         False, "--ema", help="use the adapter's moving average (adapter-ema.safetensors, from --ema-decay)"
     ),
+    **model_settings,
 ) -> None:
-    """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in."""
+    """Render the subject's DreamBooth prompts x seeds with the run's adapter merged in.
+
+    The base model is the run's; the model flags replace it, e.g. --model DIR for a model folder
+    that moved since training (the adapter still checks that it is the same model)."""
     if method not in ("adapter", "base"):
         raise UserError(f"--method must be 'adapter' or 'base', got {method!r}")
     try:
@@ -73,4 +78,5 @@ def sample_command(
         resolution=resolution,
         output=output,
         ema=ema,
+        model_settings=model_settings,
     )
