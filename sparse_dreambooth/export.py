@@ -301,18 +301,11 @@ def _run_model_settings(adapter: StoredAdapter, run: Path) -> ModelSettings:
 def _export_merged(
     adapter: StoredAdapter, run: Path, out: Path, dtype: torch.dtype, pipeline: bool, overwrite: bool
 ) -> ExportResult:
-    from sparse_dreambooth.model import load_pipeline, model_identity
+    from sparse_dreambooth.model import load_base_pipeline, model_identity
 
     _check_destination(out, overwrite)
     model = _run_model_settings(adapter, run)
-    pipe = load_pipeline(
-        model.model,
-        vae=model.vae,
-        revision=model.revision,
-        variant=model.variant,
-        model_config=model.model_config,
-        torch_dtype=torch.float32,
-    )
+    pipe = load_base_pipeline(model, torch.float32)
     load_adapter(pipe.unet, adapter.path, base_model=model_identity(model.model, model.revision, model.variant))
     unload(pipe.unet)  # merged in fp32, then cast: one rounding
     saved = pipe if pipeline else pipe.unet

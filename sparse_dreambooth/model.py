@@ -129,6 +129,22 @@ def load_pipeline(
     return _load_single_file(local_path, config_folder, torch_dtype, components)
 
 
+def load_base_pipeline(settings, torch_dtype: torch.dtype):
+    """The pipeline that `settings` (a config's `ModelSettings`) names, in `torch_dtype`, with the
+    VAE kept in fp32: SDXL's VAE overflows in fp16, and sampling decodes in fp32 anyway."""
+    pipe = load_pipeline(
+        settings.model,
+        vae=settings.vae,
+        revision=settings.revision,
+        variant=settings.variant,
+        model_config=settings.model_config,
+        torch_dtype=torch_dtype,
+    )
+    if torch_dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    return pipe
+
+
 def evaluation_scheduler(scheduler_config):
     """The sampler the paper's authors used: DPM-Solver++ of order 2, from the model's schedule."""
     from diffusers import DPMSolverMultistepScheduler

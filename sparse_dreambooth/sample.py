@@ -25,7 +25,7 @@ from sparse_dreambooth.adapters import load_adapter, unload
 from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
-from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.model import evaluation_scheduler, load_base_pipeline, model_identity
 from sparse_dreambooth.runs import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -115,16 +115,7 @@ def sample(
     model = dataclasses.replace(
         config.model, **{key: value for key, value in (model_settings or {}).items() if value is not None}
     )
-    pipe = load_pipeline(
-        model.model,
-        vae=model.vae,
-        revision=model.revision,
-        variant=model.variant,
-        model_config=model.model_config,
-        torch_dtype=dtype,
-    )
-    if dtype != torch.float32:
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; render_images decodes in fp32
+    pipe = load_base_pipeline(model, dtype)
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
         load_adapter(

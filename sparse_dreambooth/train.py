@@ -43,7 +43,7 @@ from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json, write_text
 from sparse_dreambooth.losses import loss_terms
 from sparse_dreambooth.methods import method_of
-from sparse_dreambooth.model import evaluation_scheduler, load_pipeline, model_identity
+from sparse_dreambooth.model import evaluation_scheduler, load_base_pipeline, model_identity
 from sparse_dreambooth.model_card import write_run_card
 from sparse_dreambooth.optimizers import build_optimizer, check_optimizer
 from sparse_dreambooth.prior import (
@@ -210,18 +210,7 @@ def _prepare_output(config: TrainConfig, resume_from: Path | None, overwrite: bo
 
 def _load_model(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
     """The SDXL pipeline: frozen parts in the compute dtype, the VAE in fp32 (it overflows in fp16)."""
-    model = config.model
-    pipe = load_pipeline(
-        model.model,
-        vae=model.vae,
-        revision=model.revision,
-        variant=model.variant,
-        model_config=model.model_config,
-        torch_dtype=weight_dtype,
-    )
-    if weight_dtype != torch.float32:
-        pipe.vae.to(torch.float32)
-    return pipe.to(device)
+    return load_base_pipeline(config.model, weight_dtype).to(device)
 
 
 def _optimizer(trainable: list[torch.nn.Parameter], config: TrainConfig):

@@ -99,7 +99,7 @@ def test_the_budget_check_reads_a_single_files_unet_from_model_config(single_fil
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the budget was checked")
 
-    monkeypatch.setattr("sparse_dreambooth.train.load_pipeline", no_loading)
+    monkeypatch.setattr("sparse_dreambooth.train.load_base_pipeline", no_loading)
     message = cli_error(
         "train",
         *FAST,
