@@ -149,14 +149,16 @@ def render_missing(
     return True
 
 
-def class_examples(pipe, class_images: ClassImages, config: TrainConfig, device, first_index: int) -> CachedExamples:
+def class_examples(
+    pipe, class_images: ClassImages, config: TrainConfig, device, first_index: int
+) -> list[CachedExamples]:
     """The class images (all on disk) cached as training examples of the class prompt.
 
     `first_index` numbers them after the instance photos, so their random crops differ.
     """
     prompts = [class_images.prompt] * len(class_images.paths)
     examples = prepare_examples(class_images.paths, prompts, config, first_index=first_index)
-    return cache_examples(pipe, examples, device)
+    return cache_examples(pipe, examples, device, config.data.latent_cache)
 
 
 def instance_and_prior_loss(terms: torch.Tensor, instance_rows: int, prior_loss_weight: float) -> torch.Tensor:
