@@ -7,7 +7,7 @@ latent distribution's mean and std exactly as a fresh encode gives them. The key
   changes a latent can be forgotten in the key;
 - the VAE's identity: its config and the bytes of every tensor its encoder uses, and their dtype
   (`vae_identity`), so --vae, a fine-tuned VAE or another precision gets its own entries;
-- the device type, since CPU and CUDA kernels round differently.
+- the device type and the torch and diffusers versions, since other kernels round differently.
 
 Runs that share the folder may write the same entry at once: each file is written to a temporary
 name and renamed into place (files.write_safetensors), so a reader sees no file or a whole one,
@@ -59,7 +59,15 @@ class LatentCache:
                 f"cannot create the latent cache {self.folder}: {error.strerror or error}; "
                 "choose another --latent-cache"
             ) from None
-        self.identity = {"scheme": SCHEME, "vae": vae_identity(vae), "device": torch.device(device).type}
+        import diffusers
+
+        self.identity = {
+            "scheme": SCHEME,
+            "vae": vae_identity(vae),
+            "device": torch.device(device).type,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+        }
 
     def key(self, pixels: torch.Tensor) -> str:
         """The entry of these pixels (3, H, W) under this VAE."""
