@@ -1,8 +1,8 @@
 """Aspect-ratio buckets and the latent cache on disk (issue 14 items 3 and 8), on the tiny model.
 
-Oracles: bucket sizes and assignments worked out by hand, diffusers' own
+Oracles: bucket sizes, assignments and crops worked out by hand, diffusers' own
 `StableDiffusionXLPipeline._get_add_time_ids` for the time ids, the VAE called directly for the
-latents, and a run without buckets' options (or without the cache) for the adapters.
+latents, and an uninterrupted run without the cache for a resumed run with it.
 """
 
 import math
@@ -22,6 +22,7 @@ from sparse_dreambooth.batches import CachedExamples, cache_examples, noisy_batc
 from sparse_dreambooth.config import merge_settings
 from sparse_dreambooth.data import prepare_image
 from sparse_dreambooth.data.buckets import SDXL_BUCKETS_1024, bucket_sizes, nearest_bucket
+from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.latent_cache import LatentCache, encode_latents
 from sparse_dreambooth.model import load_pipeline
 
@@ -145,10 +146,16 @@ def test_a_bucketed_run_has_one_bucket_per_unet_call_and_resumes_to_the_same_ada
     common = [*FAST, "--instance-dir", photos, "--class-name", "toy", "--buckets", "--batch-size", "2"]
     whole, resumed, cache = tmp_path / "whole", tmp_path / "resumed", tmp_path / "latents"
     run_cli("train", *common, "--steps", "4", "--output", whole)
-    # At 32 px: 90x60 -> 24x40 (latent 3x5), 60x90 -> 40x24, 70x70 -> 32x32, 96x64 -> 24x40.
-    assert len(shapes) == 4 and len(set(shapes)) > 1 and set(shapes) <= {(3, 5), (5, 3), (4, 4)}
-    for shape, ids in zip(shapes, time_ids, strict=True):
-        assert (ids[:, 4:] == torch.tensor([shape[0] * 8, shape[1] * 8])).all()  # every row: this bucket's size
+    # At 32 px (w x h): 90x60 -> bucket 24x40 (h x w, latent 3x5), covered by 40x26, cropped at top 1;
+    # 96x64 -> 24x40 as well (40x26, top 1); 60x90 -> 40x24, covered by 26x40, left 1; 70x70 -> 32x32.
+    time_ids_of_bucket = {
+        (3, 5): {(60, 90, 1, 0, 24, 40), (64, 96, 1, 0, 24, 40)},
+        (5, 3): {(90, 60, 0, 1, 40, 24)},
+        (4, 4): {(70, 70, 0, 0, 32, 32)},
+    }
+    assert len(shapes) == 4 and len(set(shapes)) > 1
+    for shape, ids in zip(shapes, time_ids, strict=True):  # every row of a call: an image of its bucket
+        assert {tuple(int(value) for value in row) for row in ids} <= time_ids_of_bucket[shape]
 
     run_cli("train", *common, "--steps", "2", "--checkpoint-every", "1", "--latent-cache", cache, "--output", resumed)
     assert len(list(cache.glob("*/*.safetensors"))) == 4
@@ -183,6 +190,20 @@ def test_a_cache_hit_gives_exactly_the_latents_a_fresh_encode_gives(tmp_path, ti
     hit = encode_latents(tiny_pipe.vae, pixels, "cpu", LatentCache(tmp_path / "cache", tiny_pipe.vae, "cpu"))
     for mean, std in (first, hit):
         assert torch.equal(mean, fresh.mean) and torch.equal(std, fresh.std)
+
+
+def test_a_damaged_entry_is_encoded_again_and_an_unusable_folder_is_one_line(tmp_path, tiny_pipe):
+    pixels = prepare_image(_photo(tmp_path / "photo.png", 40, 40), 32).pixels
+    cache = LatentCache(tmp_path / "cache", tiny_pipe.vae, "cpu")
+    fresh = encode_latents(tiny_pipe.vae, pixels, "cpu", None)
+    entry = cache.path(cache.key(pixels))
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"\x08" + b"\x00" * 20)  # what a disk error might leave (not our writes: they are atomic)
+    for mean, std in (encode_latents(tiny_pipe.vae, pixels, "cpu", cache), cache.load(cache.key(pixels))):
+        assert torch.equal(mean, fresh[0]) and torch.equal(std, fresh[1])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot create the latent cache .*a-file.*--latent-cache"):
+        LatentCache(tmp_path / "a-file", tiny_pipe.vae, "cpu")
 
 
 def test_the_key_changes_with_flip_resolution_bucket_crop_and_the_vaes_encoder(tmp_path, tiny_pipe):
