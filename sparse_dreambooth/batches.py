@@ -20,6 +20,7 @@ import torch
 
 from sparse_dreambooth.config import TrainConfig
 from sparse_dreambooth.data import PreparedImage, prepare_image
+from sparse_dreambooth.data.buckets import bucket_sizes
 from sparse_dreambooth.latent_cache import LatentCache, encode_latents
 from sparse_dreambooth.model import add_time_ids, encode_prompts
 
@@ -37,13 +38,20 @@ class CachedExamples:
 
 
 def prepare_examples(
-    paths: Sequence[Path], prompts: Sequence[str], config: TrainConfig, first_index: int = 0
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    config: TrainConfig,
+    first_index: int = 0,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[tuple[PreparedImage, str]]:
     """Every (image, flip) variant decoded, with its image's prompt.
 
     Image `i` crops with its own seeded RNG, numbered from `first_index` so the class images
-    (numbered after the instance photos) draw other crops than the photos.
+    (numbered after the instance photos) draw other crops than the photos. Each is cut to the one
+    of `sizes` nearest its aspect ratio; by default SDXL's buckets with --buckets, else the square.
     """
+    if sizes is None and config.data.buckets:
+        sizes = bucket_sizes(config.data.resolution)
     flips = (False, True) if config.data.random_flip else (False,)
     for index, (path, prompt) in enumerate(zip(paths, prompts, strict=True), start=first_index):
         for flip in flips:
@@ -53,7 +61,7 @@ def prepare_examples(
                 flip=flip,
                 center_crop=config.data.center_crop,
                 rng=random.Random(config.train.seed * 1000 + index),
-                buckets=config.data.buckets,
+                buckets=sizes,
             )
             yield image, prompt
 
@@ -95,15 +103,21 @@ def cache_examples(
     ]
 
 
-def pick_bucket(buckets: Sequence[CachedExamples], generator: torch.Generator) -> CachedExamples:
-    """The bucket of the next batch: that of an example drawn uniformly from all of them, so each
-    example is as likely as without buckets. With one bucket nothing is drawn, so a run without
-    buckets draws exactly what it always did."""
+def pick_bucket(buckets: Sequence[CachedExamples], generator: torch.Generator) -> int:
+    """The index of the next batch's bucket: that of an example drawn uniformly from all of them,
+    so each example is as likely as without buckets. With one bucket nothing is drawn, so a run
+    without buckets draws exactly what it always did."""
     if len(buckets) == 1:
-        return buckets[0]
+        return 0
     sizes = torch.tensor([len(bucket.time_ids) for bucket in buckets])
     example = torch.randint(int(sizes.sum()), (1,), generator=generator)
-    return buckets[int(torch.searchsorted(sizes.cumsum(0), example, right=True))]
+    return int(torch.searchsorted(sizes.cumsum(0), example, right=True))
+
+
+def bucket_size(examples: CachedExamples) -> tuple[int, int]:
+    """The (height, width) a bucket's images were cut to: the target size in their time ids."""
+    height, width = examples.time_ids[0, 4:].tolist()
+    return int(height), int(width)
 
 
 @dataclass

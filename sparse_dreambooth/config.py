@@ -258,11 +258,6 @@ class TrainConfig:
         _positive("num_class_images", data.num_class_images, "a positive integer")
         if train.prior_loss_weight < 0:
             raise UserError(f"prior_loss_weight must be 0 or more, got {train.prior_loss_weight}")
-        if data.buckets and data.with_prior_preservation:
-            raise UserError(
-                "--buckets does not combine with --with-prior-preservation yet (instance and class rows share one "
-                "UNet call, so one size); drop one of them"
-            )
         _choose("captions", data.captions, CAPTION_SOURCES)
         _placeholders("class_prompt", data.class_prompt, ("token", "class"))
         _placeholders("caption_template", data.caption_template, ("token", "class", "caption"))

@@ -151,7 +151,7 @@ class Training:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # every random draw of the loop
     examples: list[CachedExamples]  # one per bucket (one without --buckets)
-    class_examples: list[CachedExamples] | None  # prior preservation's class images, or None
+    class_examples: list[CachedExamples] | None  # prior preservation's class images, bucket by bucket, or None
     alphas_cumprod: torch.Tensor
     prediction_type: str
     scaling_factor: float
@@ -251,7 +251,7 @@ def _setup(
         if not finished:
             _stop_rendering(class_images, accelerator, stop)
         # Numbered after the photos, so their random crops differ.
-        classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
+        classes = class_examples(pipe, class_images, config, accelerator.device, len(subject.image_paths), examples)
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
@@ -338,9 +338,10 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
 
     step_loss = torch.zeros((), device=device)
     for micro in range(accum):
-        drawn = draw(pick_bucket(examples, training.generator))
-        if training.class_examples is not None:  # as many class rows, after the instance rows
-            drawn = joined(drawn, draw(pick_bucket(training.class_examples, training.generator)))
+        bucket = pick_bucket(examples, training.generator)
+        drawn = draw(examples[bucket])
+        if training.class_examples is not None:  # as many class rows of the same bucket, after the instance rows
+            drawn = joined(drawn, draw(training.class_examples[bucket]))
         # Gradients are synchronised across processes only on the last micro-batch.
         syncing = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
         with accelerator.autocast(), syncing:

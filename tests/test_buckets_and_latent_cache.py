@@ -14,7 +14,7 @@ import time
 import diffusers
 import pytest
 import torch
-from conftest import FAST, cli_error, run_cli
+from conftest import FAST, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -101,7 +101,7 @@ def test_every_batch_holds_one_bucket_drawn_in_proportion_to_its_images_from_the
     def batches(seed: int):
         generator = torch.Generator().manual_seed(seed)
         for _ in range(400):
-            bucket = pick_bucket(buckets, generator)
+            bucket = buckets[pick_bucket(buckets, generator)]
             yield noisy_batch(bucket, alphas, "epsilon", 1.0, generator, 4, slice(0, 4))
 
     drawn = list(batches(0))
@@ -168,9 +168,33 @@ def test_a_bucketed_run_has_one_bucket_per_unet_call_and_resumes_to_the_same_ada
     assert max(tensor.abs().max().item() for tensor in expected.values() if tensor.is_floating_point()) > 0
 
 
-def test_buckets_with_prior_preservation_is_one_clear_error(tmp_path):
-    message = cli_error("train", *FAST, "--subject", "demo", "--buckets", "--with-prior-preservation")
-    assert "--buckets" in message and "--with-prior-preservation" in message
+def test_with_prior_preservation_the_class_rows_are_cut_to_the_instance_rows_bucket(tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, (width, height) in enumerate([(90, 60), (60, 90)]):
+        _photo(photos / f"{index:02d}.png", width, height, seed=index)
+    calls = []
+    forward = diffusers.UNet2DConditionModel.forward
+
+    def recording(unet, sample, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not the rendering of the class images
+            calls.append((tuple(sample.shape[2:]), kwargs["added_cond_kwargs"]["time_ids"].clone()))
+        return forward(unet, sample, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward", recording)
+    prior = ["--with-prior-preservation", "--num-class-images", "2", "--class-data-dir", tmp_path / "classes"]
+    common = [*FAST, "--instance-dir", photos, "--class-name", "toy", "--buckets", *prior, "--steps", "4"]
+    run_cli("train", *common, "--output", tmp_path / "run")
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    # The class images are 32x32 renders. Cut to 24x40 (h x w) they cover it at 40x40, cropped at top
+    # (40 - 24) / 2 = 8; to 40x24 at left 8. The photos' time ids are those of the test above.
+    expected = {
+        (3, 5): [(60, 90, 1, 0, 24, 40), (32, 32, 8, 0, 24, 40)],
+        (5, 3): [(90, 60, 0, 1, 40, 24), (32, 32, 0, 8, 40, 24)],
+    }
+    assert len(calls) == 4 and {shape for shape, _ in calls} == set(expected)
+    for shape, time_ids in calls:  # one instance row, then one class row
+        assert [tuple(int(value) for value in row) for row in time_ids] == expected[shape]
 
 
 def test_the_train_help_lists_both_options():
@@ -213,7 +237,7 @@ def test_the_key_changes_with_flip_resolution_bucket_crop_and_the_vaes_encoder(t
         "plain": prepare_image(path, 32),
         "flip": prepare_image(path, 32, flip=True),
         "resolution": prepare_image(path, 40),
-        "bucket": prepare_image(path, 32, buckets=True),
+        "bucket": prepare_image(path, 32, buckets=bucket_sizes(32)),
         "crop": prepare_image(path, 32, center_crop=False, rng=random.Random(1)),
     }
     keys = {name: cache.key(image.pixels) for name, image in variants.items()}

@@ -10,13 +10,14 @@ import os
 import pathlib
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from sparse_dreambooth.data.buckets import bucket_sizes, nearest_bucket
+from sparse_dreambooth.data.buckets import nearest_bucket
 from sparse_dreambooth.errors import UserError
 
 if TYPE_CHECKING:
@@ -76,15 +77,15 @@ def prepare_image(
     flip: bool = False,
     center_crop: bool = True,
     rng: random.Random | None = None,
-    buckets: bool = False,
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> PreparedImage:
     """Load one training image the way diffusers' SDXL DreamBooth script does.
 
     EXIF orientation is applied, the image is converted to RGB, its shorter side is resized to
     `resolution` (Lanczos, the script's default), a `resolution` square is cropped (centred, or at
     a random offset drawn from `rng`), and the crop is mirrored if `flip`. With `buckets` the crop
-    is instead the SDXL bucket at `resolution`^2 pixels nearest the image's aspect ratio
-    (data/buckets.py), and the image is resized to just cover it.
+    is instead the bucket nearest the image's aspect ratio (data/buckets.py), and the image is
+    resized to just cover it.
 
     With `flip` the recorded crop_top_left is the left edge of the crop in the mirrored resized
     image, `resized_width - left - crop_width`, which is what the diffusers script records since it
@@ -92,11 +93,12 @@ def prepare_image(
 
     Args:
         path: The image file.
-        resolution: Side of the square output, e.g. 1024 for SDXL (with `buckets`, its pixel area).
+        resolution: Side of the square output, e.g. 1024 for SDXL (without `buckets`).
         flip: Mirror the crop horizontally (the caller draws this from its own seeded RNG).
         center_crop: Crop the centre; False crops at a random offset drawn from `rng`.
         rng: Seeded random source for the random crop; required when `center_crop` is False.
-        buckets: Crop to the image's aspect-ratio bucket instead of the square.
+        buckets: (height, width) sizes, e.g. `bucket_sizes(1024)`: crop to the one nearest the image's
+            aspect ratio instead of the square.
 
     Returns:
         The pixels and the SDXL micro-conditioning for this image.
@@ -116,7 +118,7 @@ def prepare_image(
     path = pathlib.Path(path)
     image = upright_rgb(path)
     width, height = image.size
-    crop_height, crop_width = nearest_bucket(height, width, bucket_sizes(resolution)) if buckets else (resolution,) * 2
+    crop_height, crop_width = nearest_bucket(height, width, buckets) if buckets else (resolution, resolution)
     resized_width, resized_height = _resized_size(width, height, crop_height, crop_width)
     if resized_width > width or resized_height > height:
         size = f"resolution {resolution}" if not buckets else f"size {crop_width}x{crop_height}"
