@@ -30,6 +30,7 @@ class CachedExamples:
     prompt_embeds: torch.Tensor  # (P, 77, D) one row per distinct prompt
     pooled_embeds: torch.Tensor  # (P, D2)
     prompt_index: torch.Tensor  # (N,) each example's row of the prompt embeddings
+    prompts: list[str] | None = None  # (P,) the prompt of each row, for encoders that train (text_encoders.py)
 
 
 def prepare_examples(
@@ -76,6 +77,7 @@ def cache_examples(pipe, examples: Iterable[tuple[PreparedImage, str]], device: 
         torch.cat(embeds).float().cpu(),
         torch.cat(pooled).float().cpu(),
         torch.tensor(prompt_of, dtype=torch.long),
+        list(prompt_rows),
     )
 
 
