@@ -11,7 +11,8 @@ Export a run's adapter.safetensors as:
                `PeftModel.from_pretrained(unet, folder)`: LoRA as LoRA, WaveFT as `WaveFTConfig`,
                random-sparse as `WaveFTConfig(use_idwt=False)`. PEFT re-draws the sparse positions
                from the seed, so the export checks, layer by layer, that it would draw ours.
-               The UNet's adapter only: an adapter on the text encoders too is refused.
+               Adapted text encoders get PEFT folders of their own, OUT/text_encoder and
+               OUT/text_encoder_2, for `PeftModel.from_pretrained(pipe.text_encoder, ...)`.
     kohya      kohya-ss / A1111 / ComfyUI names, "lora_unet_<module, dots as underscores>" (and
                "lora_te1_text_model_<module>", "lora_te2_text_model_<module>" for the text encoders):
                LoRA as ".lora_down.weight" (r, in), ".lora_up.weight" (out, r), ".alpha" (scalar);
@@ -28,6 +29,7 @@ export, NAME.md beside a file export. `import_adapter` (from peft.py) is re-expo
 """
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -37,8 +39,8 @@ import torch
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.adapters import load_adapter, unload
-from sparse_dreambooth.adapters.io import StoredAdapter, open_adapter
-from sparse_dreambooth.config import SDXL_TEXT_ENCODERS, ModelSettings, load_config
+from sparse_dreambooth.adapters.io import StoredAdapter, adapter_parts, open_adapter
+from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, SDXL_TEXT_ENCODERS, ModelSettings, load_config
 from sparse_dreambooth.errors import UserError, did_you_mean
 from sparse_dreambooth.files import atomic_folder, write_json, write_safetensors
 from sparse_dreambooth.methods import method_of
@@ -291,22 +293,55 @@ def kohya_key(name: str) -> str:
 
 
 def _export_peft(adapter: StoredAdapter, out: Path, overwrite: bool) -> ExportResult:
-    if adapter.config.train_text_encoder:
-        raise UserError(
-            "--format peft writes an adapter folder for the UNet alone, and this adapter also adapts the text "
-            "encoders: export --format diffusers or kohya (LoRA; --rank or --full-diff for a sparse adapter) "
-            "or merged --pipeline"
-        )
-    adapter_config, tensors = peft_files(adapter)
+    parts = adapter_parts(adapter)
+    # The UNet's adapter at the top, as without the text encoders; theirs in subfolders named like
+    # the pipeline's components.
+    folders = {"": peft_files(parts.pop("unet"))}
+    for encoder, part in parts.items():
+        folders[encoder] = peft_files(_peft_text_encoder(part, encoder))
     _check_destination(out, overwrite)
     with atomic_folder(out) as staging:
-        write_json(staging / PEFT_CONFIG_NAME, adapter_config)
-        write_safetensors(staging / PEFT_WEIGHTS_NAME, tensors, {"format": "pt", **_provenance(adapter)})
+        for folder, (adapter_config, tensors) in folders.items():
+            (staging / folder).mkdir(exist_ok=True)
+            write_json(staging / folder / PEFT_CONFIG_NAME, adapter_config)
+            write_safetensors(staging / folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt", **_provenance(adapter)})
+    encoders = "".join(
+        f", PeftModel.from_pretrained(pipe.{encoder}, {str(out / encoder)!r})" for encoder in folders if encoder
+    )
     summary = (
         f"wrote {out} (PEFT {peft_kind(adapter.config)} adapter, {len(adapter.modules)} layers); "
-        f"load it with PeftModel.from_pretrained(pipe.unet, {str(out)!r})"
+        f"load it with PeftModel.from_pretrained(pipe.unet, {str(out)!r}){encoders}"
     )
     return ExportResult(out, "peft", summary)
+
+
+# transformers' class of each SDXL text encoder.
+_TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+@functools.cache
+def _nests_text_model(class_name: str) -> bool:
+    """Whether the installed transformers keeps this CLIP class's layers under `text_model` (4.x;
+    5.x still does for CLIPTextModelWithProjection but not for CLIPTextModel). PEFT names weights
+    by the installed model's module names, so its files must too. Checked on a one-layer model."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, projection_dim=8
+    )
+    return hasattr(getattr(transformers, class_name)(config), "text_model")
+
+
+def _peft_text_encoder(part: StoredAdapter, encoder: str) -> StoredAdapter:
+    """A text encoder's part of the adapter as PEFT sees that encoder: its layers by the installed
+    model's module names, and the CLIP projections as targets."""
+    prefix = "text_model." if _nests_text_model(_TEXT_ENCODER_CLASSES[encoder]) else ""
+    return dataclasses.replace(
+        part,
+        config=dataclasses.replace(part.config, targets=list(CLIP_ATTENTION_TARGETS)),
+        shapes={prefix + name: shape for name, shape in part.shapes.items()},
+        modules={prefix + name: module for name, module in part.modules.items()},
+    )
 
 
 def _run_folder(run: Path) -> Path | None:

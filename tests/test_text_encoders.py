@@ -233,14 +233,29 @@ def test_load_lora_weights_reproduces_our_adapted_encoders(random_runs, tmp_path
     assert_same_encodings(encoder_outputs(pipe), expected)
 
 
-def test_a_merged_pipeline_has_the_adapted_encoders_and_peft_is_refused(random_runs, tmp_path):
+def test_a_merged_pipeline_has_the_adapted_encoders_and_a_unet_folder_is_refused(random_runs, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     run, expected = random_runs["waveft"]
     export_adapter(run, "merged", tmp_path / "merged", pipeline=True)
     assert_same_encodings(encoder_outputs(StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged")), expected)
     assert "--pipeline" in cli_error("export", "--run", run, "--format", "merged", "--out", tmp_path / "unet")
-    assert "text encoders" in cli_error("export", "--run", run, "--format", "peft", "--out", tmp_path / "peft")
+
+
+@pytest.mark.parametrize("method", ["lora", "waveft"])
+def test_peft_from_pretrained_of_each_encoder_folder_reproduces_our_encoders(random_runs, tmp_path, method):
+    from peft import PeftModel
+
+    run, expected = random_runs[method]
+    out = tmp_path / "peft"
+    export_adapter(run, "peft", out)
+    pipe = load_pipeline("tiny")
+    for encoder in ("text_encoder", "text_encoder_2"):
+        setattr(pipe, encoder, PeftModel.from_pretrained(getattr(pipe, encoder), out / encoder))
+    assert_same_encodings(encoder_outputs(pipe), expected)
+    # The UNet's folder is the one a run without the flag exports: its layers only.
+    unet_weights = load_file(str(out / "adapter_model.safetensors"))
+    assert unet_weights and not any("self_attn" in name for name in unet_weights)
 
 
 def test_the_flag_is_in_train_help():
