@@ -24,14 +24,26 @@ import torch
 from torch import nn
 
 from sparse_dreambooth.adapters import adapted_layers
+from sparse_dreambooth.adapters.layer import text_encoder_targets
 from sparse_dreambooth.batches import CachedExamples, NoisyBatch
-from sparse_dreambooth.config import SDXL_TEXT_ENCODERS
+from sparse_dreambooth.config import SDXL_TEXT_ENCODERS, AdapterConfig
+from sparse_dreambooth.methods import method_of
 from sparse_dreambooth.model import encode_prompts
 
 
 def text_encoder_parts(pipe) -> dict[str, nn.Module]:
     """The pipeline's text encoders by pipeline name, each as the text model its layers are named in."""
     return {name: getattr(getattr(pipe, name), "text_model", getattr(pipe, name)) for name in SDXL_TEXT_ENCODERS}
+
+
+def check_encoders_fit(pipe, config: AdapterConfig) -> None:
+    """Fail on a budget the encoders' layers cannot hold, as soon as they are loaded: before class
+    images are rendered and examples cached. (`train.check_adapter_fits` checks the UNet's before
+    any model loads.)"""
+    group = text_encoder_targets(text_encoder_parts(pipe))
+    method_of(config).layer_budgets(
+        config, {name: (linear.out_features, linear.in_features) for name, (_, _, linear) in group.items()}
+    )
 
 
 def prepare_for_adapters(pipe, gradient_checkpointing: bool) -> None:
@@ -74,7 +86,8 @@ def average_gradients(parameters: list[nn.Parameter], accelerator) -> None:
     """Each parameter's gradient replaced by its mean over the processes (one all-reduce)."""
     if accelerator.num_processes == 1:
         return
-    gradients = [parameter.grad for parameter in parameters]
+    # The first encoder's last layer feeds nothing SDXL reads: no gradient, on every process alike.
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
     averaged = accelerator.reduce(torch.cat([gradient.reshape(-1) for gradient in gradients]), reduction="mean")
     for gradient, values in zip(gradients, averaged.split([gradient.numel() for gradient in gradients]), strict=True):
         gradient.copy_(values.view_as(gradient))

@@ -58,6 +58,7 @@ from sparse_dreambooth.sample import render_images
 from sparse_dreambooth.text_encoders import (
     adapter_parameters,
     average_gradients,
+    check_encoders_fit,
     prepare_for_adapters,
     text_encoder_parts,
     with_encoded_prompts,
@@ -249,6 +250,8 @@ def _setup(
     train_cfg = config.train
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
     pipe = _load_model(config, accelerator.device, weight_dtype)
+    if config.adapter.train_text_encoder:
+        check_encoders_fit(pipe, config.adapter)
     base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, accelerator.device)

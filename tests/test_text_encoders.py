@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, cli_error, run_cli
+from conftest import FAST, cli_error, launch, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -157,6 +157,32 @@ def test_resume_refuses_to_turn_the_flag_off(trained):
         "--output", trained / "with", "--resume", trained / "with" / "checkpoints" / "step-1",
     )  # fmt: skip
     assert "train_text_encoder" in message
+
+
+def test_a_budget_the_encoders_cannot_hold_fails_before_any_slow_work(tmp_path):
+    # 2000 values fit every tiny UNet projection (64x64 and up) but not the first encoder's 32x32.
+    message = cli_error(
+        "train", *FAST, "--subject", "demo", "--steps", "1", "--budget", "2000", "--train-text-encoder",
+        "--output", tmp_path / "run",
+    )  # fmt: skip
+    assert "does not fit layer 'text_encoder.encoder.layers.0.self_attn." in message
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_average_the_encoder_adapters_gradients(tmp_path):
+    """Two processes with batch 1 each train what one process with batch 2 does (see
+    test_train.py's two-process test for the huge epsilon: updates linear in the gradient)."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    common = [*FAST, "--subject", "demo", "--steps", "2", "--lr", "1.0", "--adam-epsilon", "1e3"]
+    common += ["--method", "waveft", "--train-text-encoder"]
+    run_cli("train", *common, "--batch-size", "2", "--output", single)
+    launch("train", *common, "--batch-size", "1", "--output", str(double))
+    one, two = (encoder_tensors(run / "adapter.safetensors") for run in (single, double))
+    largest = max(tensor.abs().max() for tensor in one.values() if tensor.is_floating_point())
+    assert largest > 1e-6, "the run must have moved the encoders' adapters"
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4 * largest.item())
 
 
 def test_sample_uses_the_encoder_adapters(trained, tmp_path):

@@ -194,14 +194,17 @@ def adapter_targets(
     if config.train_text_encoder:
         if not text_encoders:
             raise UserError("this adapter also adapts the text encoders: pass them to attach or load it")
-        groups.append(
-            {
-                f"{prefix}.{name}": (encoder, name, linear)
-                for prefix, encoder in text_encoders.items()
-                for name, linear in target_linears(encoder, list(CLIP_ATTENTION_TARGETS)).items()
-            }
-        )
+        groups.append(text_encoder_targets(text_encoders))
     return groups
+
+
+def text_encoder_targets(text_encoders: Mapping[str, nn.Module]) -> dict[str, tuple[nn.Module, str, nn.Linear]]:
+    """The text encoders' group of `adapter_targets`: their CLIP_ATTENTION_TARGETS as "<encoder>.<module name>"."""
+    return {
+        f"{prefix}.{name}": (encoder, name, linear)
+        for prefix, encoder in text_encoders.items()
+        for name, linear in target_linears(encoder, list(CLIP_ATTENTION_TARGETS)).items()
+    }
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
