@@ -7,6 +7,7 @@ export is loaded by diffusers' own code (`load_lora_weights`, its kohya conversi
 `from_pretrained`), whose text-encoder outputs must match our adapted encoders'.
 """
 
+import json
 import shutil
 
 import numpy as np
@@ -129,6 +130,11 @@ def test_training_moves_the_encoder_and_unet_adapters(trained):
     assert all(torch.count_nonzero(tensor) == 0 for name, tensor in coefficients.items() if name.startswith(unread))
     unet = unet_tensors(trained / "with" / "adapter.safetensors")
     assert any(tensor.abs().max() > 0 for name, tensor in unet.items() if name.endswith("coefficients"))
+    # run.json and the model card count and name the encoders' layers too.
+    record = json.loads((trained / "with" / "run.json").read_text())
+    counted = sum(tensor.numel() for tensor in {**unet, **encoders}.values() if tensor.is_floating_point())
+    assert record["trainable_parameters"] == counted
+    assert "both text encoders' q_proj, k_proj, v_proj, out_proj" in (trained / "with" / "README.md").read_text()
     # The UNet trained on other conditioning than without the flag, so it learnt something else.
     without = unet_tensors(trained / "without" / "adapter.safetensors")
     assert unet.keys() == without.keys()
@@ -149,6 +155,16 @@ def test_a_run_with_the_flag_gives_the_same_bytes_again_and_resumes_exactly(trai
         actual = load_file(str(other / "adapter.safetensors"))
         assert actual.keys() == expected.keys()
         assert all(torch.equal(actual[name], expected[name]) for name in expected), other
+
+
+def test_gradient_checkpointing_through_the_encoders_trains_the_same(trained, tmp_path):
+    common = [*FAST, "--subject", "demo", "--method", "waveft", "--train-text-encoder", "--steps", "2"]
+    run_cli("train", *common, "--gradient-checkpointing", "--output", tmp_path / "checkpointed")
+    expected = encoder_tensors(trained / "with" / "adapter.safetensors")
+    actual = encoder_tensors(tmp_path / "checkpointed" / "adapter.safetensors")
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6 * tensor.abs().max().item() + 1e-12)
 
 
 def test_resume_refuses_to_turn_the_flag_off(trained):
