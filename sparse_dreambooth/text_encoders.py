@@ -36,11 +36,11 @@ def text_encoder_parts(pipe) -> dict[str, nn.Module]:
     return {name: getattr(getattr(pipe, name), "text_model", getattr(pipe, name)) for name in SDXL_TEXT_ENCODERS}
 
 
-def check_encoders_fit(pipe, config: AdapterConfig) -> None:
+def check_encoders_fit(text_encoders: dict[str, nn.Module], config: AdapterConfig) -> None:
     """Fail on a budget the encoders' layers cannot hold, as soon as they are loaded: before class
     images are rendered and examples cached. (`train.check_adapter_fits` checks the UNet's before
     any model loads.)"""
-    group = text_encoder_targets(text_encoder_parts(pipe))
+    group = text_encoder_targets(text_encoders)
     method_of(config).layer_budgets(
         config, {name: (linear.out_features, linear.in_features) for name, (_, _, linear) in group.items()}
     )

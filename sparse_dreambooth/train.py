@@ -5,13 +5,13 @@
 
 Order of events: check the input and the run folder (before any model loads), load SDXL, render
 any missing class images (prior preservation), cache the VAE latents and text embeddings once,
-attach the adapter to the UNet (and, with --train-text-encoder, to both text encoders, which then
-encode each micro-batch's prompts; text_encoders.py), then one loop of optimizer steps with gradient accumulation,
-checkpoints and logs, and finally adapter.safetensors (and adapter-ema.safetensors with
---ema-decay), run.json and the model card README.md. Every random draw of the loop
-(instance and class rows alike) comes from one seeded generator that every process holds
-identically (each takes its own slice of a global batch), so a run is reproducible and its
-generator state fits in a checkpoint.
+attach the adapter to the UNet (with --train-text-encoder to both text encoders too, which then
+encode each micro-batch's prompts: text_encoders.py), then one loop of optimizer steps with
+gradient accumulation, checkpoints and logs, and finally adapter.safetensors (and
+adapter-ema.safetensors with --ema-decay), run.json and the model card README.md. Every random
+draw of the loop (instance and class rows alike) comes from one seeded generator that every
+process holds identically (each takes its own slice of a global batch), so a run is reproducible
+and its generator state fits in a checkpoint.
 """
 
 from __future__ import annotations
@@ -250,8 +250,9 @@ def _setup(
     train_cfg = config.train
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
     pipe = _load_model(config, accelerator.device, weight_dtype)
-    if config.adapter.train_text_encoder:
-        check_encoders_fit(pipe, config.adapter)
+    text_encoders = text_encoder_parts(pipe) if config.adapter.train_text_encoder else None
+    if text_encoders is not None:
+        check_encoders_fit(text_encoders, config.adapter)
     base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, accelerator.device)
@@ -266,7 +267,6 @@ def _setup(
         classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    text_encoders = text_encoder_parts(pipe) if config.adapter.train_text_encoder else None
     if not train_cfg.validate_every:
         for frozen in [pipe.vae] + ([] if text_encoders else [pipe.text_encoder, pipe.text_encoder_2]):
             frozen.to("cpu")  # only needed again for validation images: free the accelerator's memory
