@@ -163,7 +163,7 @@ def attach(
         afterwards, and they are float32 whatever the base dtype (train them in fp32 under mixed
         precision).
     """
-    owners = [model, *(text_encoders or {}).values()]
+    owners = [model, *((text_encoders or {}).values() if config.train_text_encoder else ())]
     if any(adapted_layers(owner) for owner in owners):
         raise UserError("the model already carries adapters; load it fresh before attaching new ones")
     groups = adapter_targets(model, config, text_encoders)
