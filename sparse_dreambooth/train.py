@@ -74,7 +74,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def check_adapter_fits(config: TrainConfig) -> None:
-    """Fail on a budget the model's layers cannot hold, from the UNet config alone (no weights)."""
+    """Fail on a budget the model's layers cannot hold, from the UNet config alone (no weights).
+    The text encoders' layers are checked as soon as they load (text_encoders.check_encoders_fit)."""
     from sparse_dreambooth.adapters.layer import target_linears
     from sparse_dreambooth.model import unet_skeleton
 

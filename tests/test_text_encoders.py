@@ -62,6 +62,14 @@ def unet_tensors(path) -> dict[str, torch.Tensor]:
     }
 
 
+def zeroed_encoder_coefficients(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors with the encoders' WaveFT coefficients set to zero (no delta)."""
+    return {
+        name: torch.zeros_like(tensor) if name.startswith("text_encoder") and name.endswith("coefficients") else tensor
+        for name, tensor in tensors.items()
+    }
+
+
 # --- attaching -----------------------------------------------------------------------------------
 
 
@@ -142,19 +150,27 @@ def test_training_moves_the_encoder_and_unet_adapters(trained):
 
 
 def test_a_run_with_the_flag_gives_the_same_bytes_again_and_resumes_exactly(trained, tmp_path):
-    again, resumed = tmp_path / "again", tmp_path / "resumed"
-    common = [*FAST, "--subject", "demo", "--method", "waveft", "--train-text-encoder"]
-    run_cli("train", *common, "--steps", "2", "--output", again)
-    shutil.copytree(trained / "with", resumed)
-    for finished in ("adapter.safetensors", "run.json", "README.md"):
-        (resumed / finished).unlink()
-    shutil.rmtree(resumed / "checkpoints" / "step-2", ignore_errors=True)
-    run_cli("train", *common, "--steps", "2", "--output", resumed, "--resume", "latest")
+    common = [*FAST, "--subject", "demo", "--method", "waveft", "--train-text-encoder", "--steps", "2"]
+    run_cli("train", *common, "--output", tmp_path / "again")
+    for copy in ("resumed", "tampered"):  # the run stopped after its step-1 checkpoint
+        shutil.copytree(
+            trained / "with", tmp_path / copy, ignore=shutil.ignore_patterns("step-2", "run.json", "README.md")
+        )
+        (tmp_path / copy / "adapter.safetensors").unlink()
+    # In one copy the checkpoint's encoder adapters are zeroed: a resume that ignored them would
+    # not see it.
+    step_1 = tmp_path / "tampered" / "checkpoints" / "step-1" / "adapter.safetensors"
+    config, tensors, metadata = adapters.read_adapter(step_1)
+    assert any(name.startswith("text_encoder") for name in tensors), "the checkpoint holds the encoders' adapters"
+    write_safetensors(step_1, zeroed_encoder_coefficients(tensors), metadata)
+    for copy in ("resumed", "tampered"):
+        run_cli("train", *common, "--output", tmp_path / copy, "--resume", "latest")
     expected = load_file(str(trained / "with" / "adapter.safetensors"))
-    for other in (again, resumed):
-        actual = load_file(str(other / "adapter.safetensors"))
+    for other in ("again", "resumed", "tampered"):
+        actual = load_file(str(tmp_path / other / "adapter.safetensors"))
         assert actual.keys() == expected.keys()
-        assert all(torch.equal(actual[name], expected[name]) for name in expected), other
+        same = all(torch.equal(actual[name], expected[name]) for name in expected)
+        assert same == (other != "tampered"), other
 
 
 def test_gradient_checkpointing_through_the_encoders_trains_the_same(trained, tmp_path):
@@ -205,11 +221,7 @@ def test_sample_uses_the_encoder_adapters(trained, tmp_path):
     zeroed = tmp_path / "zeroed"
     shutil.copytree(trained / "with", zeroed, ignore=shutil.ignore_patterns("checkpoints", "samples*"))
     config, tensors, metadata = adapters.read_adapter(zeroed / "adapter.safetensors")
-    tensors = {
-        name: torch.zeros_like(tensor) if name.startswith("text_encoder") and name.endswith("coefficients") else tensor
-        for name, tensor in tensors.items()
-    }
-    write_safetensors(zeroed / "adapter.safetensors", tensors, metadata)
+    write_safetensors(zeroed / "adapter.safetensors", zeroed_encoder_coefficients(tensors), metadata)
     images = {}
     for run in (trained / "with", zeroed):
         out = tmp_path / f"samples-{run.name}"
