@@ -2,10 +2,13 @@
 drawn from those.
 
 Every (image, flip) variant is decoded up front (a broken file fails before any model loads),
-VAE-encoded once into its latent distribution, and kept with its SDXL time ids and its prompt's
-embeddings (each distinct prompt encoded once). Each micro-batch then samples latents from those
-distributions and noises them as DDPM's forward process does, from the one seeded generator the
-loop holds.
+VAE-encoded once into its latent distribution (or read from the latent cache on disk), and kept
+with its SDXL time ids and its prompt's embeddings (each distinct prompt encoded once). Each
+micro-batch then samples latents from those distributions and noises them as DDPM's forward
+process does, from the one seeded generator the loop holds.
+
+With aspect-ratio buckets the examples are kept per bucket (one latent size each), and each
+micro-batch first picks its bucket: a batch holds one bucket.
 """
 
 import random
@@ -17,12 +20,14 @@ import torch
 
 from sparse_dreambooth.config import TrainConfig
 from sparse_dreambooth.data import PreparedImage, prepare_image
+from sparse_dreambooth.data.buckets import bucket_sizes
+from sparse_dreambooth.latent_cache import LatentCache, encode_latents
 from sparse_dreambooth.model import add_time_ids, encode_prompts
 
 
 @dataclass
 class CachedExamples:
-    """Every (image, flip) variant as a VAE latent distribution, its time ids, and its prompt."""
+    """Every (image, flip) variant of one bucket as a VAE latent distribution, its time ids, and its prompt."""
 
     latent_mean: torch.Tensor  # (N, 4, h, w)
     latent_std: torch.Tensor  # (N, 4, h, w)
@@ -34,13 +39,20 @@ class CachedExamples:
 
 
 def prepare_examples(
-    paths: Sequence[Path], prompts: Sequence[str], config: TrainConfig, first_index: int = 0
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    config: TrainConfig,
+    first_index: int = 0,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[tuple[PreparedImage, str]]:
     """Every (image, flip) variant decoded, with its image's prompt.
 
     Image `i` crops with its own seeded RNG, numbered from `first_index` so the class images
-    (numbered after the instance photos) draw other crops than the photos.
+    (numbered after the instance photos) draw other crops than the photos. Each is cut to the one
+    of `sizes` nearest its aspect ratio; by default SDXL's buckets with --buckets, else the square.
     """
+    if sizes is None and config.data.buckets:
+        sizes = bucket_sizes(config.data.resolution)
     flips = (False, True) if config.data.random_flip else (False,)
     for index, (path, prompt) in enumerate(zip(paths, prompts, strict=True), start=first_index):
         for flip in flips:
@@ -50,35 +62,64 @@ def prepare_examples(
                 flip=flip,
                 center_crop=config.data.center_crop,
                 rng=random.Random(config.train.seed * 1000 + index),
+                buckets=sizes,
             )
             yield image, prompt
 
 
 @torch.no_grad()
-def cache_examples(pipe, examples: Iterable[tuple[PreparedImage, str]], device: torch.device) -> CachedExamples:
-    """VAE latents and time ids of each example, and the embeddings of each distinct prompt.
+def cache_examples(
+    pipe, examples: Iterable[tuple[PreparedImage, str]], device: torch.device, latent_cache: str | None = None
+) -> list[CachedExamples]:
+    """VAE latents and time ids of each example, and the embeddings of each distinct prompt, one
+    `CachedExamples` per bucket (target size) in the order the buckets first occur.
 
-    `examples` is consumed once, so a generator keeps only one decoded image in memory.
+    `examples` is consumed once, so a generator keeps only one decoded image in memory. With
+    `latent_cache` (a folder) the latents are read from it where present and stored where not.
     """
-    means, stds, time_ids, prompt_of, prompt_rows = [], [], [], [], {}
+    cache = LatentCache(Path(latent_cache), pipe.vae, device) if latent_cache is not None else None
+    buckets: dict[tuple[int, int], dict[str, list]] = {}
+    prompt_rows: dict[str, int] = {}
     for image, prompt in examples:
-        distribution = pipe.vae.encode(image.pixels[None].to(device, pipe.vae.dtype)).latent_dist
-        means.append(distribution.mean.float().cpu())
-        stds.append(distribution.std.float().cpu())
-        time_ids.append(add_time_ids(image.original_size, image.crop_top_left, image.target_size))
-        prompt_of.append(prompt_rows.setdefault(prompt, len(prompt_rows)))
+        bucket = buckets.setdefault(image.target_size, {"means": [], "stds": [], "time_ids": [], "prompts": []})
+        mean, std = encode_latents(pipe.vae, image.pixels, device, cache)
+        bucket["means"].append(mean)
+        bucket["stds"].append(std)
+        bucket["time_ids"].append(add_time_ids(image.original_size, image.crop_top_left, image.target_size))
+        bucket["prompts"].append(prompt_rows.setdefault(prompt, len(prompt_rows)))
     encoders = ([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
     # One prompt at a time: each example's embeddings are exactly what encoding its prompt alone gives.
     embeds, pooled = zip(*(encode_prompts(*encoders, [prompt]) for prompt in prompt_rows), strict=True)
-    return CachedExamples(
-        torch.cat(means),
-        torch.cat(stds),
-        torch.stack(time_ids),
-        torch.cat(embeds).float().cpu(),
-        torch.cat(pooled).float().cpu(),
-        torch.tensor(prompt_of, dtype=torch.long),
-        list(prompt_rows),
-    )
+    embeds, pooled = torch.cat(embeds).float().cpu(), torch.cat(pooled).float().cpu()
+    return [
+        CachedExamples(
+            torch.cat(bucket["means"]),
+            torch.cat(bucket["stds"]),
+            torch.stack(bucket["time_ids"]),
+            embeds,
+            pooled,
+            torch.tensor(bucket["prompts"], dtype=torch.long),
+            list(prompt_rows),  # every bucket indexes the one table of prompts
+        )
+        for bucket in buckets.values()
+    ]
+
+
+def pick_bucket(buckets: Sequence[CachedExamples], generator: torch.Generator) -> int:
+    """The index of the next batch's bucket: that of an example drawn uniformly from all of them,
+    so each example is as likely as without buckets. With one bucket nothing is drawn, so a run
+    without buckets draws exactly what it always did."""
+    if len(buckets) == 1:
+        return 0
+    sizes = torch.tensor([len(bucket.time_ids) for bucket in buckets])
+    example = torch.randint(int(sizes.sum()), (1,), generator=generator)
+    return int(torch.searchsorted(sizes.cumsum(0), example, right=True))
+
+
+def bucket_size(examples: CachedExamples) -> tuple[int, int]:
+    """The (height, width) a bucket's images were cut to: the target size in their time ids."""
+    height, width = examples.time_ids[0, 4:].tolist()
+    return int(height), int(width)
 
 
 @dataclass

@@ -158,6 +158,16 @@ class DataSettings:
     resolution: int = setting(1024, "training resolution in pixels (multiple of 8)")
     random_flip: bool = setting(False, "also train on mirrored images")
     center_crop: bool = setting(True, "centre crop (else a seeded random crop per image)")
+    buckets: bool = setting(
+        False,
+        "aspect-ratio buckets: each image trains at SDXL's bucket size nearest its aspect ratio, of about "
+        "resolution^2 pixels, instead of a square crop; a batch holds one bucket",
+    )
+    latent_cache: str | None = setting(
+        None,
+        "folder of VAE latents on disk, reused by later runs and shared by a sweep's runs, e.g. "
+        "~/.cache/sparse-dreambooth/latents (off: unset)",
+    )
     with_prior_preservation: bool = setting(
         False, "DreamBooth prior preservation: also train on class images, weighted by --prior-loss-weight"
     )

@@ -12,6 +12,8 @@ each image is rendered once and identically whatever the process count.
 Each micro-batch draws as many class rows as instance rows, from the loop's one seeded generator
 (so a checkpoint's generator state is all the class sampling needs to resume), and the two go
 through the UNet in one call; the loss is the instance MSE + prior_loss_weight x the class MSE.
+With aspect-ratio buckets the class images are cut to each bucket of the photos, and the class
+rows come from the instance rows' bucket.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparse_dreambooth.batches import CachedExamples, cache_examples, prepare_examples
+from sparse_dreambooth.batches import CachedExamples, bucket_size, cache_examples, prepare_examples
 from sparse_dreambooth.config import TrainConfig
 from sparse_dreambooth.data import image_files
 from sparse_dreambooth.data.captions import fill_placeholders
@@ -149,14 +152,30 @@ def render_missing(
     return True
 
 
-def class_examples(pipe, class_images: ClassImages, config: TrainConfig, device, first_index: int) -> CachedExamples:
-    """The class images (all on disk) cached as training examples of the class prompt.
+def class_examples(
+    pipe, class_images: ClassImages, config: TrainConfig, device, first_index: int, photos: list[CachedExamples]
+) -> list[CachedExamples]:
+    """The class images (all on disk) cached as training examples of the class prompt, one
+    `CachedExamples` per bucket of the `photos`, in their order.
 
-    `first_index` numbers them after the instance photos, so their random crops differ.
+    Without buckets that is one, cut as the photos are. With buckets every class image is cut to
+    each bucket the photos use, so a micro-batch's class rows have its instance rows' size and
+    one UNet call still takes both. `first_index` numbers them after the instance photos, so
+    their random crops differ.
     """
     prompts = [class_images.prompt] * len(class_images.paths)
-    examples = prepare_examples(class_images.paths, prompts, config, first_index=first_index)
-    return cache_examples(pipe, examples, device)
+    if not config.data.buckets:
+        examples = prepare_examples(class_images.paths, prompts, config, first_index=first_index)
+        return cache_examples(pipe, examples, device, config.data.latent_cache)
+    per_bucket = []
+    with warnings.catch_warnings():
+        # A square render covers a non-square bucket only upscaled (by its long side / resolution,
+        # 1.3x for 1344x768 at 1024): expected of every class image, so not warned about each time.
+        warnings.filterwarnings("ignore", message=".* it is upscaled", category=UserWarning)
+        for size in map(bucket_size, photos):
+            examples = prepare_examples(class_images.paths, prompts, config, first_index, sizes=[size])
+            per_bucket += cache_examples(pipe, examples, device, config.data.latent_cache)
+    return per_bucket
 
 
 def instance_and_prior_loss(terms: torch.Tensor, instance_rows: int, prior_loss_weight: float) -> torch.Tensor:

@@ -51,7 +51,8 @@ SAMPLE_NAME = re.compile(r"^prompt_(\d+)_sample_(\d+)_seed_(-?\d+)\.png$")
 SAMPLE_GLOB = "prompt_*_sample_*_seed_*.png"
 # Settings that may change when a run is resumed: they do not change what was computed so far.
 # `output` is the folder the saved settings were read from, however it is spelled.
-# `kernel` and `deterministic` change how a step is computed, not what is trained.
+# `kernel` and `deterministic` change how a step is computed, not what is trained; the latent
+# cache holds exactly what encoding gives.
 RESUMABLE_CHANGES = {
     "steps",
     "checkpoint_every",
@@ -62,9 +63,10 @@ RESUMABLE_CHANGES = {
     "kernel",
     "deterministic",
     "report_to",
+    "latent_cache",
 }
 # Settings naming a path: compared as the folder they resolve to.
-PATH_SETTINGS = {"data_root", "instance_dir", "class_data_dir"}
+PATH_SETTINGS = {"data_root", "instance_dir", "class_data_dir", "latent_cache"}
 
 
 def sample_name(prompt_index: int, sample_index: int, seed: int) -> str:

@@ -13,7 +13,9 @@ both CLIP encoders. What changes:
   encoders' layers; LoRA takes `rank`, or the one rank nearest that budget. The UNet's adapters
   are therefore the same whether the encoders are adapted or not.
 - Conditioning. Prompt embeddings no longer come from the cache: each micro-batch encodes its
-  rows' prompts through the adapted encoders, with gradients.
+  rows' prompts through the adapted encoders, with gradients. Every bucket's examples carry the
+  prompt table (`CachedExamples.prompts`); the latents still come from the cached examples (and
+  the latent cache on disk, which holds latents only).
 - Processes. The encoders are not wrapped in DDP, so their adapters' gradients are averaged over
   the processes by hand before each optimizer step, as DDP averages the UNet's.
 """

@@ -34,7 +34,7 @@ import torch
 
 from sparse_dreambooth import __version__, runs
 from sparse_dreambooth.adapters import BaseModel, attach, load_adapter, save_adapter, trainable_parameter_count
-from sparse_dreambooth.batches import CachedExamples, cache_examples, joined, noisy_batch, prepare_examples
+from sparse_dreambooth.batches import CachedExamples, cache_examples, joined, noisy_batch, pick_bucket, prepare_examples
 from sparse_dreambooth.checkpoint import load_checkpoint, save_checkpoint
 from sparse_dreambooth.config import TrainConfig, dump_yaml
 from sparse_dreambooth.data import PreparedImage, Subject, evaluation_prompts
@@ -160,8 +160,8 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # every random draw of the loop
-    examples: CachedExamples
-    class_examples: CachedExamples | None  # prior preservation's class images, or None
+    examples: list[CachedExamples]  # one per bucket (one without --buckets)
+    class_examples: list[CachedExamples] | None  # prior preservation's class images, bucket by bucket, or None
     alphas_cumprod: torch.Tensor
     prediction_type: str
     scaling_factor: float
@@ -256,7 +256,7 @@ def _setup(
         check_encoders_fit(text_encoders, config.adapter)
     base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
-    examples = cache_examples(pipe, images, accelerator.device)
+    examples = cache_examples(pipe, images, accelerator.device, config.data.latent_cache)
     classes = None
     if class_images is not None:
         finished = render_missing(
@@ -265,7 +265,7 @@ def _setup(
         if not finished:
             _stop_rendering(class_images, accelerator, stop)
         # Numbered after the photos, so their random crops differ.
-        classes = class_examples(pipe, class_images, config, accelerator.device, first_index=len(subject.image_paths))
+        classes = class_examples(pipe, class_images, config, accelerator.device, len(subject.image_paths), examples)
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
@@ -361,9 +361,10 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
 
     step_loss = torch.zeros((), device=device)
     for micro in range(accum):
-        drawn = draw(examples)
-        if training.class_examples is not None:  # as many class rows, after the instance rows
-            drawn = joined(drawn, draw(training.class_examples))
+        bucket = pick_bucket(examples, training.generator)
+        drawn = draw(examples[bucket])
+        if training.class_examples is not None:  # as many class rows of the same bucket, after the instance rows
+            drawn = joined(drawn, draw(training.class_examples[bucket]))
         # Gradients are synchronised across processes only on the last micro-batch.
         syncing = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
         with accelerator.autocast(), syncing:

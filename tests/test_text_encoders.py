@@ -10,6 +10,7 @@ export is loaded by diffusers' own code (`load_lora_weights`, its kohya conversi
 import json
 import shutil
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -198,6 +199,67 @@ def test_a_budget_the_encoders_cannot_hold_fails_before_any_slow_work(tmp_path):
         "--output", tmp_path / "run",
     )  # fmt: skip
     assert "does not fit layer 'text_encoder.encoder.layers.0.self_attn." in message
+
+
+def test_with_buckets_and_the_latent_cache_each_row_encodes_its_own_photos_caption(tmp_path, monkeypatch):
+    """The three together: examples kept per bucket still carry their prompts (each row of a UNet
+    call is encoded from its own photo's caption), the latents still come from the cache, and a
+    second run gives the same bytes."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    # At 32 px (as test_buckets_and_latent_cache.py works out): 90x60 (w x h) -> bucket 24x40 (h x w),
+    # cropped at top 1; 60x90 -> 40x24, left 1; 70x70 -> 32x32. Each photo's caption names its shape.
+    caption_of = {
+        (60, 90, 1, 0, 24, 40): "a wide photo",
+        (90, 60, 0, 1, 40, 24): "a tall photo",
+        (70, 70, 0, 0, 32, 32): "a square photo",
+    }
+    for index, ((height, width, *_), caption) in enumerate(caption_of.items()):
+        pixels = torch.randint(0, 256, (height, width, 3), generator=torch.Generator().manual_seed(index))
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(photos / f"{index:02d}.png")
+        (photos / f"{index:02d}.txt").write_text(caption)
+    encoded, time_ids, vae_encodes = [], [], []
+    encode, forward, vae_encode = (
+        encode_prompts.__wrapped__,
+        diffusers.UNet2DConditionModel.forward,
+        diffusers.AutoencoderKL.encode,
+    )
+
+    def recording_encode(tokenizers, encoders, prompts):
+        encoded.append(list(prompts))
+        return encode(tokenizers, encoders, prompts)
+
+    def recording_forward(unet, sample, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation
+            time_ids.append([tuple(int(value) for value in row) for row in kwargs["added_cond_kwargs"]["time_ids"]])
+        return forward(unet, sample, *args, **kwargs)
+
+    def counting_vae_encode(vae, *args, **kwargs):
+        vae_encodes.append(1)
+        return vae_encode(vae, *args, **kwargs)
+
+    # with_encoded_prompts calls encode_prompts.__wrapped__ (the version with gradients).
+    recorded = type("Recorded", (), {"__wrapped__": staticmethod(recording_encode)})
+    monkeypatch.setattr("sparse_dreambooth.text_encoders.encode_prompts", recorded)
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward", recording_forward)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", counting_vae_encode)
+    common = [*FAST, "--instance-dir", photos, "--class-name", "toy", "--captions", "sidecar", "--method", "waveft"]
+    common += ["--train-text-encoder", "--buckets", "--latent-cache", tmp_path / "latents", "--batch-size", "2"]
+    common += ["--steps", "6"]
+    run_cli("train", *common, "--output", tmp_path / "first")
+    assert len(vae_encodes) == 3 and len(list((tmp_path / "latents").glob("*/*.safetensors"))) == 3
+    assert len(encoded) == len(time_ids) == 6 and len({rows[0][4:] for rows in time_ids}) > 1
+    for prompts, rows in zip(encoded, time_ids, strict=True):
+        assert prompts == [caption_of[row] for row in rows]
+    vae_encodes.clear()
+    run_cli("train", *common, "--output", tmp_path / "second")
+    assert not vae_encodes  # every latent came from the cache
+    first, second = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    moved = [
+        tensor for name, tensor in first.items() if name.startswith("text_encoder_2") and tensor.is_floating_point()
+    ]
+    assert max(tensor.abs().max().item() for tensor in moved) > 0  # the encoders' adapters trained
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
     subjects.py   find a subject, its class, kind and prompts
     captions.py   per-image captions (IMAGE.txt or metadata.jsonl) as training prompts
     images.py     one image -> pixels + SDXL micro-conditioning
+    buckets.py    SDXL's aspect-ratio buckets at a resolution, and each image's nearest one
     micro.py      the micro subjects' photos, rendered offline into the cache
     download.py   fetch and check the DreamBooth dataset
 

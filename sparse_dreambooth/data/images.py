@@ -1,5 +1,5 @@
-"""One training image as the training loop needs it: upright RGB pixels cut to a square, plus
-the SDXL micro-conditioning that says how it was cut.
+"""One training image as the training loop needs it: upright RGB pixels cut to a square (or to
+its aspect-ratio bucket), plus the SDXL micro-conditioning that says how it was cut.
 
 torch is imported only inside `prepare_image`, so the data commands need not load it.
 """
@@ -10,12 +10,14 @@ import os
 import pathlib
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from sparse_dreambooth.data.buckets import nearest_bucket
 from sparse_dreambooth.errors import UserError
 
 if TYPE_CHECKING:
@@ -27,10 +29,10 @@ class PreparedImage:
     """One training image and the SDXL micro-conditioning that describes how it was cut.
 
     Attributes:
-        pixels: (3, resolution, resolution) float32 in [-1, 1].
+        pixels: (3, height, width) float32 in [-1, 1], `target_size`.
         original_size: (height, width) of the upright image before resizing.
         crop_top_left: (top, left) of the crop in the resized image, as SDXL's add_time_ids want.
-        target_size: (resolution, resolution).
+        target_size: (height, width) of the crop: (resolution, resolution), or the image's bucket.
     """
 
     pixels: torch.Tensor
@@ -58,11 +60,15 @@ def upright_rgb(path: pathlib.Path) -> Image.Image:
         raise UserError(f"cannot read image {path}: {error}") from error
 
 
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) with the shorter side at `resolution`, rounded down as torchvision's Resize does."""
-    if width <= height:
-        return resolution, int(resolution * height / width)
-    return int(resolution * width / height), resolution
+def _resized_size(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """(width, height) scaled to just cover the target, rounded down as torchvision's Resize does.
+
+    For a square target the shorter side lands on it. `max` keeps a float's rounding from leaving
+    the scaled side one pixel short of the target.
+    """
+    if target_width * height >= target_height * width:  # the width reaches its target last
+        return target_width, max(target_height, int(target_width * height / width))
+    return max(target_width, int(target_height * width / height)), target_height
 
 
 def prepare_image(
@@ -71,23 +77,28 @@ def prepare_image(
     flip: bool = False,
     center_crop: bool = True,
     rng: random.Random | None = None,
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> PreparedImage:
     """Load one training image the way diffusers' SDXL DreamBooth script does.
 
     EXIF orientation is applied, the image is converted to RGB, its shorter side is resized to
     `resolution` (Lanczos, the script's default), a `resolution` square is cropped (centred, or at
-    a random offset drawn from `rng`), and the crop is mirrored if `flip`.
+    a random offset drawn from `rng`), and the crop is mirrored if `flip`. With `buckets` the crop
+    is instead the bucket nearest the image's aspect ratio (data/buckets.py), and the image is
+    resized to just cover it.
 
     With `flip` the recorded crop_top_left is the left edge of the crop in the mirrored resized
-    image, `resized_width - left - resolution`, which is what the diffusers script records since it
+    image, `resized_width - left - crop_width`, which is what the diffusers script records since it
     flips before cropping (huggingface/diffusers#6547); the older `resolution - left` was a bug.
 
     Args:
         path: The image file.
-        resolution: Side of the square output, e.g. 1024 for SDXL.
+        resolution: Side of the square output, e.g. 1024 for SDXL (without `buckets`).
         flip: Mirror the crop horizontally (the caller draws this from its own seeded RNG).
         center_crop: Crop the centre; False crops at a random offset drawn from `rng`.
         rng: Seeded random source for the random crop; required when `center_crop` is False.
+        buckets: (height, width) sizes, e.g. `bucket_sizes(1024)`: crop to the one nearest the image's
+            aspect ratio instead of the square.
 
     Returns:
         The pixels and the SDXL micro-conditioning for this image.
@@ -96,7 +107,7 @@ def prepare_image(
         UserError: The file cannot be read or decoded (missing, not an image, truncated).
         ValueError: `resolution` is not positive, or a random crop is asked for without `rng`.
 
-    A warning is issued when the image is smaller than `resolution` and has to be upscaled.
+    A warning is issued when the image is smaller than its crop and has to be upscaled.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -107,31 +118,32 @@ def prepare_image(
     path = pathlib.Path(path)
     image = upright_rgb(path)
     width, height = image.size
-    if min(width, height) < resolution:
+    crop_height, crop_width = nearest_bucket(height, width, buckets) if buckets else (resolution, resolution)
+    resized_width, resized_height = _resized_size(width, height, crop_height, crop_width)
+    if resized_width > width or resized_height > height:
+        size = f"resolution {resolution}" if not buckets else f"size {crop_width}x{crop_height}"
         warnings.warn(
-            f"{path} is {width}x{height}, smaller than the training resolution {resolution}; it is "
-            "upscaled and will look soft",
+            f"{path} is {width}x{height}, smaller than the training {size}; it is upscaled and will look soft",
             stacklevel=2,
         )
-    resized_width, resized_height = _resized_size(width, height, resolution)
     image = image.resize((resized_width, resized_height), Image.Resampling.LANCZOS)
 
     if center_crop:
-        top = int(round((resized_height - resolution) / 2.0))
-        left = int(round((resized_width - resolution) / 2.0))
+        top = int(round((resized_height - crop_height) / 2.0))
+        left = int(round((resized_width - crop_width) / 2.0))
     else:
-        top = rng.randint(0, resized_height - resolution)
-        left = rng.randint(0, resized_width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = rng.randint(0, resized_height - crop_height)
+        left = rng.randint(0, resized_width - crop_width)
+    image = image.crop((left, top, left + crop_width, top + crop_height))
     crop_top_left = (top, left)
     if flip:
         image = ImageOps.mirror(image)
-        crop_top_left = (top, resized_width - left - resolution)
+        crop_top_left = (top, resized_width - left - crop_width)
 
     pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
     return PreparedImage(
         pixels=pixels / 127.5 - 1.0,
         original_size=(height, width),
         crop_top_left=crop_top_left,
-        target_size=(resolution, resolution),
+        target_size=(crop_height, crop_width),
     )
