@@ -35,6 +35,7 @@ class CachedExamples:
     prompt_embeds: torch.Tensor  # (P, 77, D) one row per distinct prompt
     pooled_embeds: torch.Tensor  # (P, D2)
     prompt_index: torch.Tensor  # (N,) each example's row of the prompt embeddings
+    prompts: list[str] | None = None  # (P,) the prompt of each row, for encoders that train (text_encoders.py)
 
 
 def prepare_examples(
@@ -98,6 +99,7 @@ def cache_examples(
             embeds,
             pooled,
             torch.tensor(bucket["prompts"], dtype=torch.long),
+            list(prompt_rows),  # every bucket indexes the one table of prompts
         )
         for bucket in buckets.values()
     ]

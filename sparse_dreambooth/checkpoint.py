@@ -35,11 +35,13 @@ def save_checkpoint(
     step: int,
     scaler=None,
     ema=None,
+    text_encoders=None,
 ) -> None:
     """Write everything `load_checkpoint` needs to continue at `step`.
 
     `scheduler` is a torch LR scheduler and `scaler` a grad scaler (or None): anything with
     `state_dict()`, whose state is plain JSON. `ema` is the run's `ema.AdapterEMA`, or None.
+    `text_encoders`: the adapted encoders (`text_encoders.text_encoder_parts`), or None.
     """
     optimizer_state = optimizer.state_dict()
     tensors = {"generator": generator.get_state(), **(ema.state_tensors() if ema is not None else {})}
@@ -58,7 +60,7 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     with atomic_folder(path) as staging:
-        save_adapter(unet, staging / ADAPTER_FILE, adapter_config, base_model=base_model)
+        save_adapter(unet, staging / ADAPTER_FILE, adapter_config, base_model=base_model, text_encoders=text_encoders)
         write_safetensors(staging / STATE_TENSORS, tensors)
         write_json(staging / STATE_JSON, meta)
 

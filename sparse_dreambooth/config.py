@@ -26,6 +26,10 @@ OPTIMIZERS = ("adamw", "prodigy", "adafactor", "adamw8bit")
 TRACKERS = ("tensorboard", "wandb", "none")
 CAPTION_SOURCES = ("none", "sidecar", "metadata", "auto")
 SDXL_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The self-attention projections of every layer of a CLIP text encoder (with --train-text-encoder).
+CLIP_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# SDXL's text encoders by their pipeline names, which prefix their layers in an adapter file.
+SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 # LoRA r=1 over SDXL's 560 UNet attention projections has 1,451,520 parameters: 2592 per layer.
@@ -94,6 +98,11 @@ class AdapterConfig:
     )
     adapter_seed: int = setting(777, "seed of the adapter's random choices: sparse positions, LoRA init")
     targets: list = setting(list(SDXL_ATTENTION_TARGETS), "module-name patterns of the linears to adapt")
+    train_text_encoder: bool = setting(
+        False,
+        "also adapt both text encoders' q/k/v/out projections with the same method; their layers get a budget "
+        "by the same rule as the UNet's, counted over the encoders' layers; prompts are then encoded every step",
+    )
 
     def __post_init__(self) -> None:
         self.targets = list(self.targets)

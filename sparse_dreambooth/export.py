@@ -4,25 +4,32 @@ Export a run's adapter.safetensors as:
     diffusers  one safetensors file `StableDiffusionXLPipeline.load_lora_weights` reads as is:
                "unet.<module>.lora_A.weight" (r, in) and "unet.<module>.lora_B.weight" (out, r), with
                alpha / r folded into lora_B (diffusers assumes alpha = r without extra metadata).
-               LoRA only; a sparse adapter goes through a rank-`rank` SVD approximation.
+               LoRA only; a sparse adapter goes through a rank-`rank` SVD approximation. Adapted
+               text encoders go in the same file as "text_encoder.text_model.<module>..." and
+               "text_encoder_2.text_model.<module>...", as diffusers' own DreamBooth script saves them.
     peft       a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for
                `PeftModel.from_pretrained(unet, folder)`: LoRA as LoRA, WaveFT as `WaveFTConfig`,
                random-sparse as `WaveFTConfig(use_idwt=False)`. PEFT re-draws the sparse positions
                from the seed, so the export checks, layer by layer, that it would draw ours.
-    kohya      kohya-ss / A1111 / ComfyUI names, "lora_unet_<module, dots as underscores>":
+               Adapted text encoders get PEFT folders of their own, OUT/text_encoder and
+               OUT/text_encoder_2, for `PeftModel.from_pretrained(pipe.text_encoder, ...)`.
+    kohya      kohya-ss / A1111 / ComfyUI names, "lora_unet_<module, dots as underscores>" (and
+               "lora_te1_text_model_<module>", "lora_te2_text_model_<module>" for the text encoders):
                LoRA as ".lora_down.weight" (r, in), ".lora_up.weight" (out, r), ".alpha" (scalar);
                a sparse adapter needs a choice: `rank` for an SVD LoRA (scale 1: alpha = rank; the
                error is reported, and is large at low ranks), or `full_diff` for the LyCORIS "full"
                layout, ".diff" (out, in) = the exact weight difference (a dense file: its size is
                announced before writing).
     merged     a diffusers UNet folder (or, with `pipeline`, the whole pipeline) with the adapter
-               merged into the weights, for `from_pretrained`.
+               merged into the weights, for `from_pretrained`; an adapter on the text encoders too
+               needs `pipeline`, which merges all three.
 
 Every file is written atomically, with a model card beside it (model_card.py): README.md in a folder
 export, NAME.md beside a file export. `import_adapter` (from peft.py) is re-exported here.
 """
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -32,8 +39,8 @@ import torch
 
 from sparse_dreambooth import __version__
 from sparse_dreambooth.adapters import load_adapter, unload
-from sparse_dreambooth.adapters.io import StoredAdapter, open_adapter
-from sparse_dreambooth.config import ModelSettings, load_config
+from sparse_dreambooth.adapters.io import StoredAdapter, adapter_parts, open_adapter
+from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, SDXL_TEXT_ENCODERS, ModelSettings, load_config
 from sparse_dreambooth.errors import UserError, did_you_mean
 from sparse_dreambooth.files import atomic_folder, write_json, write_safetensors
 from sparse_dreambooth.methods import method_of
@@ -55,6 +62,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # File names fixed by the tools that read them.
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
 KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}
 
 
 @dataclasses.dataclass
@@ -182,9 +190,10 @@ def _export_diffusers(
     tensors = {}
     for name, (down, up, alpha) in factors.items():
         scale = alpha / down.shape[0]
-        tensors[f"unet.{name}.lora_A.weight"] = down
+        key = diffusers_key(name)
+        tensors[f"{key}.lora_A.weight"] = down
         # Without alpha metadata diffusers uses scale 1 per layer; fold ours into B (exact when it is 1).
-        tensors[f"unet.{name}.lora_B.weight"] = up if scale == 1 else (up.float() * scale).to(dtype)
+        tensors[f"{key}.lora_B.weight"] = up if scale == 1 else (up.float() * scale).to(dtype)
     target = out if out.suffix == ".safetensors" else out / DIFFUSERS_WEIGHT_NAME
     _check_destination(target, overwrite)
     _write_file(target, tensors, {"format": "pt", **_provenance(adapter)})
@@ -260,22 +269,79 @@ def _export_kohya(
     return ExportResult(out, "kohya", summary, overall, layer_errors)
 
 
-def kohya_key(module_name: str) -> str:
-    """kohya's name of a UNet module: "lora_unet_" + the diffusers module name with dots as underscores."""
-    return KOHYA_UNET_PREFIX + module_name.replace(".", "_")
+def _text_encoder_of(name: str) -> tuple[str | None, str]:
+    """An adapter file's layer name split into its text encoder (None for the UNet) and the module
+    name inside that encoder's text model."""
+    part, _, module_name = name.partition(".")
+    return (part, module_name) if part in SDXL_TEXT_ENCODERS else (None, name)
+
+
+def diffusers_key(name: str) -> str:
+    """diffusers' name of an adapted layer: "unet.<module>" for the UNet, "text_encoder.text_model.<module>"
+    and "text_encoder_2.text_model.<module>" for the encoders (diffusers drops "text_model." again for a
+    transformers CLIPTextModel that has none)."""
+    part, module_name = _text_encoder_of(name)
+    return f"unet.{name}" if part is None else f"{part}.text_model.{module_name}"
+
+
+def kohya_key(name: str) -> str:
+    """kohya's name of an adapted layer: "lora_unet_" + the diffusers module name with dots as
+    underscores; "lora_te1_text_model_" and "lora_te2_text_model_" + the same for the encoders'."""
+    part, module_name = _text_encoder_of(name)
+    prefix = KOHYA_UNET_PREFIX if part is None else KOHYA_TEXT_ENCODER_PREFIXES[part]
+    return prefix + module_name.replace(".", "_")
 
 
 def _export_peft(adapter: StoredAdapter, out: Path, overwrite: bool) -> ExportResult:
-    adapter_config, tensors = peft_files(adapter)
+    parts = adapter_parts(adapter)
+    # The UNet's adapter at the top, as without the text encoders; theirs in subfolders named like
+    # the pipeline's components.
+    folders = {"": peft_files(parts.pop("unet"))}
+    for encoder, part in parts.items():
+        folders[encoder] = peft_files(_peft_text_encoder(part, encoder))
     _check_destination(out, overwrite)
     with atomic_folder(out) as staging:
-        write_json(staging / PEFT_CONFIG_NAME, adapter_config)
-        write_safetensors(staging / PEFT_WEIGHTS_NAME, tensors, {"format": "pt", **_provenance(adapter)})
+        for folder, (adapter_config, tensors) in folders.items():
+            (staging / folder).mkdir(exist_ok=True)
+            write_json(staging / folder / PEFT_CONFIG_NAME, adapter_config)
+            write_safetensors(staging / folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt", **_provenance(adapter)})
+    encoders = "".join(
+        f", PeftModel.from_pretrained(pipe.{encoder}, {str(out / encoder)!r})" for encoder in folders if encoder
+    )
     summary = (
         f"wrote {out} (PEFT {peft_kind(adapter.config)} adapter, {len(adapter.modules)} layers); "
-        f"load it with PeftModel.from_pretrained(pipe.unet, {str(out)!r})"
+        f"load it with PeftModel.from_pretrained(pipe.unet, {str(out)!r}){encoders}"
     )
     return ExportResult(out, "peft", summary)
+
+
+# transformers' class of each SDXL text encoder.
+_TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+@functools.cache
+def _nests_text_model(class_name: str) -> bool:
+    """Whether the installed transformers keeps this CLIP class's layers under `text_model` (4.x;
+    5.x still does for CLIPTextModelWithProjection but not for CLIPTextModel). PEFT names weights
+    by the installed model's module names, so its files must too. Checked on a one-layer model."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, projection_dim=8
+    )
+    return hasattr(getattr(transformers, class_name)(config), "text_model")
+
+
+def _peft_text_encoder(part: StoredAdapter, encoder: str) -> StoredAdapter:
+    """A text encoder's part of the adapter as PEFT sees that encoder: its layers by the installed
+    model's module names, and the CLIP projections as targets."""
+    prefix = "text_model." if _nests_text_model(_TEXT_ENCODER_CLASSES[encoder]) else ""
+    return dataclasses.replace(
+        part,
+        config=dataclasses.replace(part.config, targets=list(CLIP_ATTENTION_TARGETS)),
+        shapes={prefix + name: shape for name, shape in part.shapes.items()},
+        modules={prefix + name: module for name, module in part.modules.items()},
+    )
 
 
 def _run_folder(run: Path) -> Path | None:
@@ -302,12 +368,21 @@ def _export_merged(
     adapter: StoredAdapter, run: Path, out: Path, dtype: torch.dtype, pipeline: bool, overwrite: bool
 ) -> ExportResult:
     from sparse_dreambooth.model import load_base_pipeline, model_identity
+    from sparse_dreambooth.text_encoders import text_encoder_parts
 
+    if adapter.config.train_text_encoder and not pipeline:
+        raise UserError(
+            "this adapter also adapts the text encoders, which a UNet folder leaves out: export --format merged "
+            "--pipeline for the whole pipeline with all three merged"
+        )
     _check_destination(out, overwrite)
     model = _run_model_settings(adapter, run)
     pipe = load_base_pipeline(model, torch.float32)
-    load_adapter(pipe.unet, adapter.path, base_model=model_identity(model.model, model.revision, model.variant))
-    unload(pipe.unet)  # merged in fp32, then cast: one rounding
+    text_encoders = text_encoder_parts(pipe)
+    identity = model_identity(model.model, model.revision, model.variant)
+    load_adapter(pipe.unet, adapter.path, base_model=identity, text_encoders=text_encoders)
+    for adapted in (pipe.unet, *text_encoders.values()):
+        unload(adapted)  # merged in fp32, then cast: one rounding
     saved = pipe if pipeline else pipe.unet
     if dtype != torch.float32:
         saved.to(dtype)
@@ -402,6 +477,7 @@ __all__ = [
     "ExportResult",
     "export_adapter",
     "full_diff_bytes",
+    "diffusers_key",
     "import_adapter",
     "kohya_key",
     "peft_adapter_config",

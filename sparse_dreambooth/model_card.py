@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from sparse_dreambooth import __version__, runs
-from sparse_dreambooth.config import TrainConfig, load_config
+from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, TrainConfig, load_config
 from sparse_dreambooth.files import write_text
 
 DREAMBOOTH_LICENCE = "the DreamBooth dataset (Ruiz et al. 2023, https://github.com/google/dreambooth), CC BY 4.0"
@@ -130,7 +130,8 @@ def model_card(config: TrainConfig, record: dict, run: Path | None = None, weigh
         "base model": base_model,
         "method": _method_line(config),
         "budget": _budget_line(config, record),
-        "target layers": ", ".join(config.adapter.targets),
+        "target layers": ", ".join(config.adapter.targets)
+        + ("; both text encoders' " + ", ".join(CLIP_ATTENTION_TARGETS) if config.adapter.train_text_encoder else ""),
         "training": _training_line(config, record),
         "seed": f"{config.train.seed} (adapter seed {config.adapter.adapter_seed})",
     }

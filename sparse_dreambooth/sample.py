@@ -34,6 +34,7 @@ from sparse_dreambooth.runs import (
     MANIFEST,
     resolve_subject,
 )
+from sparse_dreambooth.text_encoders import text_encoder_parts
 
 GRID_FILE = "grid.png"
 GRID_PROMPTS = 8  # rows of the grid: this many prompts spread over the list
@@ -118,10 +119,15 @@ def sample(
     pipe = load_base_pipeline(model, dtype)
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
+        text_encoders = text_encoder_parts(pipe)  # adapted too when the run trained them
         load_adapter(
-            pipe.unet, run / adapter_file, base_model=model_identity(model.model, model.revision, model.variant)
+            pipe.unet,
+            run / adapter_file,
+            base_model=model_identity(model.model, model.revision, model.variant),
+            text_encoders=text_encoders,
         )
-        unload(pipe.unet)  # merged into plain nn.Linear weights: sampling costs what the base model costs
+        for adapted in (pipe.unet, *text_encoders.values()):
+            unload(adapted)  # merged into plain nn.Linear weights: sampling costs what the base model costs
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
 

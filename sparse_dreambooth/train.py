@@ -5,12 +5,13 @@
 
 Order of events: check the input and the run folder (before any model loads), load SDXL, render
 any missing class images (prior preservation), cache the VAE latents and text embeddings once,
-attach the adapter to the UNet, then one loop of optimizer steps with gradient accumulation,
-checkpoints and logs, and finally adapter.safetensors (and adapter-ema.safetensors with
---ema-decay), run.json and the model card README.md. Every random draw of the loop
-(instance and class rows alike) comes from one seeded generator that every process holds
-identically (each takes its own slice of a global batch), so a run is reproducible and its
-generator state fits in a checkpoint.
+attach the adapter to the UNet (with --train-text-encoder to both text encoders too, which then
+encode each micro-batch's prompts: text_encoders.py), then one loop of optimizer steps with
+gradient accumulation, checkpoints and logs, and finally adapter.safetensors (and
+adapter-ema.safetensors with --ema-decay), run.json and the model card README.md. Every random
+draw of the loop (instance and class rows alike) comes from one seeded generator that every
+process holds identically (each takes its own slice of a global batch), so a run is reproducible
+and its generator state fits in a checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ from sparse_dreambooth.prior import (
     render_missing,
 )
 from sparse_dreambooth.sample import render_images
+from sparse_dreambooth.text_encoders import (
+    adapter_parameters,
+    average_gradients,
+    check_encoders_fit,
+    prepare_for_adapters,
+    text_encoder_parts,
+    with_encoded_prompts,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator  # imported when a run starts: it is slow to import
@@ -65,7 +74,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def check_adapter_fits(config: TrainConfig) -> None:
-    """Fail on a budget the model's layers cannot hold, from the UNet config alone (no weights)."""
+    """Fail on a budget the model's layers cannot hold, from the UNet config alone (no weights).
+    The text encoders' layers are checked as soon as they load (text_encoders.check_encoders_fit)."""
     from sparse_dreambooth.adapters.layer import target_linears
     from sparse_dreambooth.model import unet_skeleton
 
@@ -160,6 +170,7 @@ class Training:
     validation_prompt: str
     cache_seconds: float
     ema: AdapterEMA | None  # the moving average of `trainable`, with --ema-decay
+    text_encoders: dict[str, torch.nn.Module] | None = None  # adapted too, with --train-text-encoder
     step: int = 0
 
 
@@ -240,6 +251,9 @@ def _setup(
     train_cfg = config.train
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
     pipe = _load_model(config, accelerator.device, weight_dtype)
+    text_encoders = text_encoder_parts(pipe) if config.adapter.train_text_encoder else None
+    if text_encoders is not None:
+        check_encoders_fit(text_encoders, config.adapter)
     base_model = model_identity(config.model.model, config.model.revision, config.model.variant)
     cache_started = time.perf_counter()
     examples = cache_examples(pipe, images, accelerator.device, config.data.latent_cache)
@@ -255,18 +269,22 @@ def _setup(
     cache_seconds = time.perf_counter() - cache_started
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if not train_cfg.validate_every:
-        for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        for frozen in [pipe.vae] + ([] if text_encoders else [pipe.text_encoder, pipe.text_encoder_2]):
             frozen.to("cpu")  # only needed again for validation images: free the accelerator's memory
 
     unet = pipe.unet
+    if text_encoders is not None:
+        prepare_for_adapters(pipe, train_cfg.gradient_checkpointing)
     if resume_from is not None:
-        load_adapter(unet, resume_from / runs.ADAPTER_FILE, base_model=base_model)
+        load_adapter(unet, resume_from / runs.ADAPTER_FILE, base_model=base_model, text_encoders=text_encoders)
     else:
-        attach(unet, config.adapter)
+        attach(unet, config.adapter, text_encoders=text_encoders)
     if train_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    if text_encoders is not None:
+        trainable += adapter_parameters(text_encoders)
     optimizer, lr_scheduler = _optimizer(trainable, config)
     unet, optimizer = prepare_for_training(accelerator, unet, optimizer)
     # Under mixed precision Accelerate wraps the forward in autocast and casts its outputs to fp32.
@@ -291,6 +309,7 @@ def _setup(
         validation_prompt=train_cfg.validation_prompt or evaluation_prompts(subject, config.data.token)[0],
         cache_seconds=cache_seconds,
         ema=AdapterEMA(trainable, train_cfg.ema_decay) if train_cfg.ema_decay is not None else None,
+        text_encoders=text_encoders,
     )
     if resume_from is not None:
         training.step = load_checkpoint(
@@ -325,7 +344,7 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
     rank = accelerator.process_index
 
     def draw(from_examples: CachedExamples):
-        return noisy_batch(
+        drawn = noisy_batch(
             from_examples,
             training.alphas_cumprod,
             training.prediction_type,
@@ -335,6 +354,10 @@ def _accumulated_loss(training: Training, config: TrainConfig) -> float:
             mine=slice(rank * batch, (rank + 1) * batch),
             noise_offset=config.train.noise_offset,
         )
+        if training.text_encoders is not None:  # the prompts through the adapted encoders, not the cache
+            with accelerator.autocast():
+                drawn = with_encoded_prompts(training.pipe, from_examples, drawn)
+        return drawn
 
     step_loss = torch.zeros((), device=device)
     for micro in range(accum):
@@ -376,6 +399,8 @@ def _optimizer_step(training: Training, config: TrainConfig, loss: float) -> Non
             f"the loss became {loss} at step {training.step + 1}; lower --lr or use --mixed-precision bf16/no"
             + (f"; the last good checkpoint is {kept[-1]}" if kept else "")
         )
+    if training.text_encoders is not None:  # outside DDP: averaged over the processes here
+        average_gradients(adapter_parameters(training.text_encoders), training.accelerator)
     training.accelerator.clip_grad_norm_(training.trainable, config.train.max_grad_norm)
     training.optimizer.step()
     training.lr_scheduler.step()
@@ -402,6 +427,7 @@ def _checkpoint(training: Training, config: TrainConfig) -> Path:
                 training.step,
                 accelerator.scaler,
                 training.ema,
+                training.text_encoders,
             )
         except OSError as error:
             raise _disk_error(error, path, output) from None
@@ -613,6 +639,7 @@ def _write_results(
         config.adapter,
         base_model=training.base_model,
         metadata={"run_config": dump_yaml(config)},
+        text_encoders=training.text_encoders,
     )
     if training.ema is not None:
         with training.ema.swapped_in():
@@ -622,6 +649,7 @@ def _write_results(
                 config.adapter,
                 base_model=training.base_model,
                 metadata={"run_config": dump_yaml(config), "weights": f"EMA, decay {config.train.ema_decay}"},
+                text_encoders=training.text_encoders,
             )
     write_json(
         output / runs.RUN_FILE,
@@ -636,7 +664,7 @@ def _write_results(
             },
             "base_model": training.base_model.name,
             "base_model_fingerprint": training.base_model.fingerprint,
-            "trainable_parameters": trainable_parameter_count(unet),
+            "trainable_parameters": trainable_parameter_count(unet, training.text_encoders),
             "steps": training.step,
             "final_loss": loss,
             "seed": config.train.seed,

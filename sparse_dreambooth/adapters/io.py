@@ -1,14 +1,18 @@
 """Adapter files: safetensors with the config in the metadata.
 
 Tensors are named "<module name>.<tensor>" (coefficients and int32 positions for sparse methods,
-lora_A and lora_B for LoRA). The positions are stored, not re-drawn from the seed, so a file loads
-the same under any torch version. Metadata (all strings, as safetensors requires):
+lora_A and lora_B for LoRA); a run with `train_text_encoder` also stores the text encoders' layers,
+as "text_encoder.<module name>.<tensor>" and "text_encoder_2.<module name>.<tensor>" (module names
+inside each encoder's text model, see text_encoders.py). The positions are stored, not re-drawn
+from the seed, so a file loads the same under any torch version. Metadata (all strings, as safetensors requires):
     format, format_version, adapter_config (JSON), layers (JSON name -> [out, in]),
     base_model (its name), base_model_fingerprint (its UNet's, when known),
     sparse_dreambooth_version, plus whatever the caller adds.
 """
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +20,10 @@ import torch
 from torch import nn
 
 from sparse_dreambooth import __version__
-from sparse_dreambooth.adapters.layer import AdaptedLinear, adapted_layers, attach, target_linears
+from sparse_dreambooth.adapters.layer import AdaptedLinear, adapted_layers, adapter_targets, attach
 from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter
-from sparse_dreambooth.config import AdapterConfig
+from sparse_dreambooth.config import SDXL_TEXT_ENCODERS, AdapterConfig
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import write_safetensors
 from sparse_dreambooth.methods import method_of
@@ -47,10 +51,10 @@ class BaseModel:
         return self.name == stored.name
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor of the model under its file name (positions as int32)."""
+def adapter_tensors(model: nn.Module, text_encoders: Mapping[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of the model (and the text encoders) under its file name (positions as int32)."""
     tensors = {}
-    for name, layer in adapted_layers(model).items():
+    for name, layer in adapted_layers(model, text_encoders).items():
         for key, value in layer.adapter.state_dict().items():
             value = value.detach()
             tensors[f"{name}.{key}"] = value.int() if key == "positions" else value.float()
@@ -63,6 +67,7 @@ def save_adapter(
     config: AdapterConfig,
     base_model: BaseModel | str = "unknown",
     metadata: dict[str, str] | None = None,
+    text_encoders: Mapping[str, nn.Module] | None = None,
 ) -> None:
     """Write the model's adapters to a safetensors file, atomically.
 
@@ -70,8 +75,9 @@ def save_adapter(
         config: the config the adapters were attached with.
         base_model: the base model's identity, checked on load; a string is a name alone.
         metadata: extra string fields to store (run settings, say).
+        text_encoders: the encoders `attach` was given, whose adapters go in the file too.
     """
-    layers = adapted_layers(model)
+    layers = adapted_layers(model, text_encoders)
     if not layers:
         raise UserError("the model has no adapters to save; attach or load one first")
     base_model = BaseModel(base_model) if isinstance(base_model, str) else base_model
@@ -85,7 +91,7 @@ def save_adapter(
         **({"base_model_fingerprint": base_model.fingerprint} if base_model.fingerprint else {}),
         "sparse_dreambooth_version": __version__,
     }
-    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_tensors(model).items()}
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_tensors(model, text_encoders).items()}
     write_safetensors(path, tensors, header)
 
 
@@ -159,12 +165,18 @@ def check_base_model(path, stored: BaseModel, base_model: BaseModel) -> None:
     )
 
 
-def load_adapter(model: nn.Module, path, base_model: BaseModel | str | None = None) -> AdapterConfig:
+def load_adapter(
+    model: nn.Module,
+    path,
+    base_model: BaseModel | str | None = None,
+    text_encoders: Mapping[str, nn.Module] | None = None,
+) -> AdapterConfig:
     """Attach the adapters stored in `path` to `model` (in place) and return their config.
 
     Args:
         base_model: when given, the file must have been trained on this base model
             (`BaseModel.same_as`; a string is a name alone).
+        text_encoders: the encoders, as `attach` takes them; required when the file adapts them.
 
     Raises:
         UserError: on another base model, missing/extra/mis-shaped tensors or a damaged file,
@@ -175,7 +187,13 @@ def load_adapter(model: nn.Module, path, base_model: BaseModel | str | None = No
         expected = BaseModel(base_model) if isinstance(base_model, str) else base_model
         check_base_model(path, stored_base_model(metadata), expected)
     stored_layers = _metadata_json(metadata, "layers", path, dict)
-    linears = target_linears(model, config.targets)
+    if config.train_text_encoder and not text_encoders:
+        raise UserError(f"{path} also adapts the text encoders: load it onto a whole pipeline")
+    linears = {
+        name: linear
+        for group in adapter_targets(model, config, text_encoders)
+        for name, (_, _, linear) in group.items()
+    }
     for name, shape in stored_layers.items():
         if name not in linears:
             raise UserError(f"{path}: layer {name!r} is not in this model; the adapter is for another model")
@@ -190,7 +208,7 @@ def load_adapter(model: nn.Module, path, base_model: BaseModel | str | None = No
     positions = None
     if not method_of(config).low_rank:
         positions = {name: _tensor(tensors, path, f"{name}.positions").long() for name in stored_layers}
-    layers = attach(model, config, positions=positions)
+    layers = attach(model, config, positions=positions, text_encoders=text_encoders)
     expected = set()
     for name, layer in layers.items():
         state = layer.adapter.state_dict()
@@ -253,6 +271,26 @@ def open_adapter(path) -> StoredAdapter:
             ) from None
         modules[name] = module
     return StoredAdapter(config, metadata, shapes, modules, path)
+
+
+def adapter_parts(adapter: StoredAdapter) -> dict[str, StoredAdapter]:
+    """The adapter split by the model its layers belong to: "unet", then "text_encoder" and
+    "text_encoder_2" when the file adapts them, each part's layers named as inside that model."""
+    owner_of = {
+        name: name.split(".", 1)[0] if name.split(".", 1)[0] in SDXL_TEXT_ENCODERS else "unet"
+        for name in adapter.shapes
+    }
+    parts = {}
+    for part in ("unet", *SDXL_TEXT_ENCODERS):
+        names = [name for name, owner in owner_of.items() if owner == part]
+        if names:
+            local = {name: name if part == "unet" else name.removeprefix(part + ".") for name in names}
+            parts[part] = dataclasses.replace(
+                adapter,
+                shapes={local[name]: adapter.shapes[name] for name in names},
+                modules={local[name]: adapter.modules[name] for name in names},
+            )
+    return parts
 
 
 def set_parameters(module: nn.Module, **values: torch.Tensor) -> None:

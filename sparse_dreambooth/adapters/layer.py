@@ -13,7 +13,7 @@ from torch import nn
 
 from sparse_dreambooth.adapters.lora import LoraAdapter
 from sparse_dreambooth.adapters.sparse import SparseAdapter, random_positions
-from sparse_dreambooth.config import AdapterConfig
+from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, AdapterConfig
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.methods import Adapter, method_of
 
@@ -145,24 +145,66 @@ def build_adapters(
 
 
 def attach(
-    model: nn.Module, config: AdapterConfig, positions: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module,
+    config: AdapterConfig,
+    positions: Mapping[str, torch.Tensor] | None = None,
+    text_encoders: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, AdaptedLinear]:
     """Wrap every target linear of `model` (in place) with a fresh adapter; freeze everything else.
 
+    Args:
+        positions: stored sparse positions by layer name (see `build_adapters`).
+        text_encoders: the encoders `config.train_text_encoder` adapts as well, by the name their
+            layers get in an adapter file (`text_encoders.text_encoder_parts` gives SDXL's two);
+            ignored when it is off.
+
     Returns:
-        The adapted layers by module name. Only adapter parameters require grad afterwards,
-        and they are float32 whatever the base dtype (train them in fp32 under mixed precision).
+        The adapted layers by name (see `adapter_targets`). Only adapter parameters require grad
+        afterwards, and they are float32 whatever the base dtype (train them in fp32 under mixed
+        precision).
     """
-    if adapted_layers(model):
+    owners = [model, *((text_encoders or {}).values() if config.train_text_encoder else ())]
+    if any(adapted_layers(owner) for owner in owners):
         raise UserError("the model already carries adapters; load it fresh before attaching new ones")
-    linears = target_linears(model, config.targets)
-    adapters = build_adapters(config, linears, positions)
-    model.requires_grad_(False)
+    groups = adapter_targets(model, config, text_encoders)
+    for owner in owners:
+        owner.requires_grad_(False)
     layers = {}
-    for name, linear in linears.items():
-        layers[name] = AdaptedLinear(linear, adapters[name])
-        _replace_module(model, name, layers[name])
+    for group in groups:
+        adapters = build_adapters(config, {name: linear for name, (_, _, linear) in group.items()}, positions)
+        for name, (owner, module_name, linear) in group.items():
+            layers[name] = AdaptedLinear(linear, adapters[name])
+            _replace_module(owner, module_name, layers[name])
     return layers
+
+
+def adapter_targets(
+    model: nn.Module, config: AdapterConfig, text_encoders: Mapping[str, nn.Module] | None = None
+) -> list[dict[str, tuple[nn.Module, str, nn.Linear]]]:
+    """The linears `config` adapts, as groups that each get a budget of their own, by layer name:
+    {name: (the module holding it, its module name there, the linear)}.
+
+    The first group is `model`'s `config.targets`, named by module name. With
+    `config.train_text_encoder` a second group holds every text encoder's CLIP_ATTENTION_TARGETS,
+    named "<encoder>.<module name>". Budgets are per group (budget.py's rule on each), so the
+    UNet's adapters are the same with the encoders adapted or not, and the encoders' layers get
+    what the same rule gives on their own shapes.
+    """
+    groups = [{name: (model, name, linear) for name, linear in target_linears(model, config.targets).items()}]
+    if config.train_text_encoder:
+        if not text_encoders:
+            raise UserError("this adapter also adapts the text encoders: pass them to attach or load it")
+        groups.append(text_encoder_targets(text_encoders))
+    return groups
+
+
+def text_encoder_targets(text_encoders: Mapping[str, nn.Module]) -> dict[str, tuple[nn.Module, str, nn.Linear]]:
+    """The text encoders' group of `adapter_targets`: their CLIP_ATTENTION_TARGETS as "<encoder>.<module name>"."""
+    return {
+        f"{prefix}.{name}": (encoder, name, linear)
+        for prefix, encoder in text_encoders.items()
+        for name, linear in target_linears(encoder, list(CLIP_ATTENTION_TARGETS)).items()
+    }
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -170,9 +212,16 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
 
 
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    """The model's adapted layers by the name of the linear they wrap."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLinear)}
+def adapted_layers(model: nn.Module, text_encoders: Mapping[str, nn.Module] | None = None) -> dict[str, AdaptedLinear]:
+    """The model's adapted layers by the name of the linear they wrap; then the text encoders',
+    as "<encoder>.<module name>"."""
+    owners = {"": model, **{f"{prefix}.": encoder for prefix, encoder in (text_encoders or {}).items()}}
+    return {
+        prefix + name: module
+        for prefix, owner in owners.items()
+        for name, module in owner.named_modules()
+        if isinstance(module, AdaptedLinear)
+    }
 
 
 def merge(model: nn.Module) -> None:
@@ -187,9 +236,10 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def trainable_parameter_count(model: nn.Module) -> int:
-    """Number of adapter parameters in the model."""
-    return sum(p.numel() for layer in adapted_layers(model).values() for p in layer.adapter.parameters())
+def trainable_parameter_count(model: nn.Module, text_encoders: Mapping[str, nn.Module] | None = None) -> int:
+    """Number of adapter parameters in the model (and the text encoders)."""
+    layers = adapted_layers(model, text_encoders).values()
+    return sum(p.numel() for layer in layers for p in layer.adapter.parameters())
 
 
 def unload(model: nn.Module) -> None:
