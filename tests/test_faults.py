@@ -215,8 +215,11 @@ def test_sample_output_that_is_a_file_and_a_missing_run(relative_run, tmp_path):
 # --- an interrupted sample ---------------------------------------------------------------------------
 
 # Saving an image stalls after its first bytes, so the signal lands while the temporary file exists.
+# A shell that starts a job in the background (`cmd &` without job control) makes it ignore SIGINT,
+# and Python then keeps that: the child gets Ctrl-C's default handler back, as in a terminal.
 SLOW_SAVE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from PIL import Image
 original = Image.Image.save
 def stalled(self, fp, *args, **kwargs):
