@@ -195,14 +195,17 @@ def test_two_processes_render_each_class_image_once(tmp_path, monkeypatch):
     writes = sorted(log.read_text().split("\n")[:-1])
     assert writes == ["0 generated-00000.png", "0 generated-00002.png", "1 generated-00001.png"]
 
-    # The same images a single process renders (seed = index, whatever the process count).
+    # The same images a single process renders (seed = index, whatever the process count), within
+    # one grey level, as two-process sampling is: on an AVX512 CPU the process of rank 1 renders one
+    # of image 1's 3072 values one level off a single process's (rank 0's two are identical).
     single = tmp_path / "single"
     monkeypatch.delenv("PYTHONPATH")
     run_cli("train", *FAST, "--subject", "demo", "--steps", "1", *PRIOR, "--num-class-images", "3",
             "--class-data-dir", single, "--output", tmp_path / "run-single")  # fmt: skip
     for index in range(3):
         name = f"generated-{index:05d}.png"
-        assert (classes / name).read_bytes() == (single / name).read_bytes(), name
+        launched, alone = (np.asarray(Image.open(folder / name), dtype=np.int16) for folder in (classes, single))
+        assert np.abs(launched - alone).max() <= 1, name
 
 
 def test_prior_settings_are_checked_before_a_model_loads(tmp_path):
