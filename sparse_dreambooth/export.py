@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 
 from sparse_dreambooth import __version__
-from sparse_dreambooth.adapters import load_adapter, unload
-from sparse_dreambooth.adapters.io import StoredAdapter, adapter_parts, open_adapter
-from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, SDXL_TEXT_ENCODERS, ModelSettings, load_config
+from sparse_dreambooth.adapters.io import StoredAdapter, adapter_parts, layer_owner, open_adapter
+from sparse_dreambooth.config import CLIP_ATTENTION_TARGETS, ModelSettings, load_config
 from sparse_dreambooth.errors import UserError, did_you_mean
 from sparse_dreambooth.files import atomic_folder, write_json, write_safetensors
 from sparse_dreambooth.methods import method_of
@@ -61,8 +60,12 @@ FORMATS = ("diffusers", "peft", "kohya", "merged")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # File names fixed by the tools that read them.
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) looks for
-KOHYA_UNET_PREFIX = "lora_unet_"
-KOHYA_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}
+# kohya's prefix of each model's layer names (`io.layer_owner`'s owners).
+KOHYA_PREFIXES = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te1_text_model_",
+    "text_encoder_2": "lora_te2_text_model_",
+}
 
 
 @dataclasses.dataclass
@@ -269,27 +272,19 @@ def _export_kohya(
     return ExportResult(out, "kohya", summary, overall, layer_errors)
 
 
-def _text_encoder_of(name: str) -> tuple[str | None, str]:
-    """An adapter file's layer name split into its text encoder (None for the UNet) and the module
-    name inside that encoder's text model."""
-    part, _, module_name = name.partition(".")
-    return (part, module_name) if part in SDXL_TEXT_ENCODERS else (None, name)
-
-
 def diffusers_key(name: str) -> str:
     """diffusers' name of an adapted layer: "unet.<module>" for the UNet, "text_encoder.text_model.<module>"
     and "text_encoder_2.text_model.<module>" for the encoders (diffusers drops "text_model." again for a
     transformers CLIPTextModel that has none)."""
-    part, module_name = _text_encoder_of(name)
-    return f"unet.{name}" if part is None else f"{part}.text_model.{module_name}"
+    part, module_name = layer_owner(name)
+    return f"unet.{name}" if part == "unet" else f"{part}.text_model.{module_name}"
 
 
 def kohya_key(name: str) -> str:
     """kohya's name of an adapted layer: "lora_unet_" + the diffusers module name with dots as
     underscores; "lora_te1_text_model_" and "lora_te2_text_model_" + the same for the encoders'."""
-    part, module_name = _text_encoder_of(name)
-    prefix = KOHYA_UNET_PREFIX if part is None else KOHYA_TEXT_ENCODER_PREFIXES[part]
-    return prefix + module_name.replace(".", "_")
+    part, module_name = layer_owner(name)
+    return KOHYA_PREFIXES[part] + module_name.replace(".", "_")
 
 
 def _export_peft(adapter: StoredAdapter, out: Path, overwrite: bool) -> ExportResult:
@@ -368,7 +363,7 @@ def _export_merged(
     adapter: StoredAdapter, run: Path, out: Path, dtype: torch.dtype, pipeline: bool, overwrite: bool
 ) -> ExportResult:
     from sparse_dreambooth.model import load_base_pipeline, model_identity
-    from sparse_dreambooth.text_encoders import text_encoder_parts
+    from sparse_dreambooth.text_encoders import merge_adapter
 
     if adapter.config.train_text_encoder and not pipeline:
         raise UserError(
@@ -378,11 +373,7 @@ def _export_merged(
     _check_destination(out, overwrite)
     model = _run_model_settings(adapter, run)
     pipe = load_base_pipeline(model, torch.float32)
-    text_encoders = text_encoder_parts(pipe)
-    identity = model_identity(model.model, model.revision, model.variant)
-    load_adapter(pipe.unet, adapter.path, base_model=identity, text_encoders=text_encoders)
-    for adapted in (pipe.unet, *text_encoders.values()):
-        unload(adapted)  # merged in fp32, then cast: one rounding
+    merge_adapter(pipe, adapter.path, model_identity(model.model, model.revision, model.variant))  # fp32, then cast
     saved = pipe if pipeline else pipe.unet
     if dtype != torch.float32:
         saved.to(dtype)

@@ -21,7 +21,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from sparse_dreambooth import data, runs
-from sparse_dreambooth.adapters import load_adapter, unload
 from sparse_dreambooth.config import load_config
 from sparse_dreambooth.errors import UserError
 from sparse_dreambooth.files import atomic_path, write_json
@@ -34,7 +33,7 @@ from sparse_dreambooth.runs import (
     MANIFEST,
     resolve_subject,
 )
-from sparse_dreambooth.text_encoders import text_encoder_parts
+from sparse_dreambooth.text_encoders import merge_adapter
 
 GRID_FILE = "grid.png"
 GRID_PROMPTS = 8  # rows of the grid: this many prompts spread over the list
@@ -119,15 +118,7 @@ def sample(
     pipe = load_base_pipeline(model, dtype)
     pipe.scheduler = evaluation_scheduler(pipe.scheduler.config)
     if not base:
-        text_encoders = text_encoder_parts(pipe)  # adapted too when the run trained them
-        load_adapter(
-            pipe.unet,
-            run / adapter_file,
-            base_model=model_identity(model.model, model.revision, model.variant),
-            text_encoders=text_encoders,
-        )
-        for adapted in (pipe.unet, *text_encoders.values()):
-            unload(adapted)  # merged into plain nn.Linear weights: sampling costs what the base model costs
+        merge_adapter(pipe, run / adapter_file, model_identity(model.model, model.revision, model.variant))
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
 

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from sparse_dreambooth.adapters import adapted_layers
+from sparse_dreambooth.adapters import adapted_layers, load_adapter, unload
 from sparse_dreambooth.adapters.layer import text_encoder_targets
 from sparse_dreambooth.batches import CachedExamples, NoisyBatch
 from sparse_dreambooth.config import SDXL_TEXT_ENCODERS, AdapterConfig
@@ -36,6 +36,20 @@ from sparse_dreambooth.model import encode_prompts
 def text_encoder_parts(pipe) -> dict[str, nn.Module]:
     """The pipeline's text encoders by pipeline name, each as the text model its layers are named in."""
     return {name: getattr(getattr(pipe, name), "text_model", getattr(pipe, name)) for name in SDXL_TEXT_ENCODERS}
+
+
+def merge_adapter(pipe, path, base_model) -> None:
+    """Load the adapter file onto the pipeline, the UNet and (when the file adapts them) both text
+    encoders, and merge it into their weights: they hold plain `nn.Linear` layers again, so the
+    pipeline costs what the base costs. Merged in the pipeline's dtype, with one rounding.
+
+    Args:
+        base_model: the base model's identity, checked against the file's (`load_adapter`).
+    """
+    text_encoders = text_encoder_parts(pipe)
+    load_adapter(pipe.unet, path, base_model=base_model, text_encoders=text_encoders)
+    for adapted in (pipe.unet, *text_encoders.values()):
+        unload(adapted)
 
 
 def check_encoders_fit(text_encoders: dict[str, nn.Module], config: AdapterConfig) -> None:

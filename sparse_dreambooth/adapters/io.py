@@ -273,22 +273,25 @@ def open_adapter(path) -> StoredAdapter:
     return StoredAdapter(config, metadata, shapes, modules, path)
 
 
+def layer_owner(name: str) -> tuple[str, str]:
+    """An adapter file's layer name split into the model the layer belongs to ("unet",
+    "text_encoder" or "text_encoder_2") and its module name inside that model."""
+    part, _, module_name = name.partition(".")
+    return (part, module_name) if part in SDXL_TEXT_ENCODERS else ("unet", name)
+
+
 def adapter_parts(adapter: StoredAdapter) -> dict[str, StoredAdapter]:
     """The adapter split by the model its layers belong to: "unet", then "text_encoder" and
     "text_encoder_2" when the file adapts them, each part's layers named as inside that model."""
-    owner_of = {
-        name: name.split(".", 1)[0] if name.split(".", 1)[0] in SDXL_TEXT_ENCODERS else "unet"
-        for name in adapter.shapes
-    }
+    owners = {name: layer_owner(name) for name in adapter.shapes}
     parts = {}
     for part in ("unet", *SDXL_TEXT_ENCODERS):
-        names = [name for name, owner in owner_of.items() if owner == part]
-        if names:
-            local = {name: name if part == "unet" else name.removeprefix(part + ".") for name in names}
+        local = {name: module_name for name, (owner, module_name) in owners.items() if owner == part}
+        if local:
             parts[part] = dataclasses.replace(
                 adapter,
-                shapes={local[name]: adapter.shapes[name] for name in names},
-                modules={local[name]: adapter.modules[name] for name in names},
+                shapes={module_name: adapter.shapes[name] for name, module_name in local.items()},
+                modules={module_name: adapter.modules[name] for name, module_name in local.items()},
             )
     return parts
 
