@@ -117,6 +117,12 @@ def test_training_learns_the_subject(method, waveft_run, base_scores, tmp_path):
     assert not _failures(trained, base_scores), (method, trained, base_scores)
 
 
+def _break_trainer(monkeypatch, sabotage) -> None:
+    """Every batch the trainer draws passes through `sabotage` first."""
+    draw = trainer.noisy_batch
+    monkeypatch.setattr(trainer, "noisy_batch", lambda *args, **kwargs: sabotage(draw(*args, **kwargs)))
+
+
 def _zeroed_prompts(batch):
     return dataclasses.replace(
         batch, prompt_embeds=torch.zeros_like(batch.prompt_embeds), pooled_embeds=torch.zeros_like(batch.pooled_embeds)
@@ -130,8 +136,7 @@ def _wrong_target(batch):
 
 @pytest.mark.parametrize("sabotage", [_zeroed_prompts, _wrong_target], ids=lambda f: f.__name__[1:])
 def test_a_broken_trainer_fails_the_check(sabotage, base_scores, tmp_path, monkeypatch):
-    draw = trainer.noisy_batch
-    monkeypatch.setattr(trainer, "noisy_batch", lambda *args, **kwargs: sabotage(draw(*args, **kwargs)))
+    _break_trainer(monkeypatch, sabotage)
     run = tmp_path / "broken"
     _train(run, "waveft")
     assert _failures(_scores(run), base_scores), "a broken trainer passed the learning check"
@@ -162,8 +167,7 @@ def _time_ids_the_unet_received(tmp_path, monkeypatch, sabotage=None) -> tuple[t
 
     monkeypatch.setattr(trainer, "load_base_pipeline", load_and_watch)
     if sabotage is not None:
-        draw = trainer.noisy_batch
-        monkeypatch.setattr(trainer, "noisy_batch", lambda *args, **kwargs: sabotage(draw(*args, **kwargs)))
+        _break_trainer(monkeypatch, sabotage)
     micro_run = ["--config", CONFIGS / "micro.yaml", "--subject", SUBJECT, "--steps", 2, "--checkpoint-every", 0]
     run_cli("train", *micro_run, "--output", tmp_path / "run")
     return torch.cat(received), expected[0]
